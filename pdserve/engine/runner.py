@@ -1,0 +1,117 @@
+"""Turns a scheduled batch into tensors, runs the model and samples next tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
+from pdserve.engine.model import CausalLM, ModelArch
+from pdserve.engine.sampler import Sampler, SamplerOutput
+from pdserve.engine.scheduler import ScheduledRequest
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] row of each sampling request's last token
+    sampled: list[ScheduledRequest]  # the requests that get a new token this step, in row order
+
+
+def allocate_kv_caches(
+    arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer. Layer-major, so a KV
+    transfer can ship (and later overlap) one layer at a time."""
+    shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+
+
+def num_blocks_for_budget(arch: ModelArch, block_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    return max(budget_bytes // (arch.kv_bytes_per_token(dtype) * block_size), 2)
+
+
+def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device) -> ModelInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_start_loc = [0]
+    seq_lens: list[int] = []
+    logits_indices: list[int] = []
+    sampled: list[ScheduledRequest] = []
+    for s in scheduled:
+        req = s.request
+        start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+        input_ids.extend(req.all_token_ids[start:end])
+        pos = range(start, end)
+        positions.extend(pos)
+        table = req.block_table
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+        query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        seq_lens.append(end)
+        if s.samples:
+            logits_indices.append(query_start_loc[-1] - 1)
+            sampled.append(s)
+    max_blocks = max(len(s.request.block_table) for s in scheduled)
+    tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in scheduled]
+
+    def t(x: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int64, device=device)
+
+    meta = AttentionMetadata(
+        slot_mapping=t(slots),
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=t(tables),
+        seq_lens_tensor=t(seq_lens),
+    )
+    return ModelInputs(t(input_ids), t(positions), meta, t(logits_indices), sampled)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        arch: ModelArch,
+        backend: AttentionBackend,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        device: torch.device,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.model = model
+        self.arch = arch
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], SamplerOutput | None]:
+        """Run one step. Returns the requests that sampled a token, with their samples."""
+        inputs = prepare_inputs(scheduled, self.block_size, self.device)
+        ctx = ForwardContext(self.backend, inputs.meta, self.kv_caches)
+        hidden = self.model(inputs.input_ids, inputs.positions, ctx)  # [num_tokens, hidden]
+        if not inputs.sampled:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
+        params = [s.request.params for s in inputs.sampled]
+        generators = [s.request.generator for s in inputs.sampled]
+        return inputs.sampled, self.sampler(logits, params, generators, self._suppressed(inputs.sampled))
+
+    def _suppressed(self, sampled: list[ScheduledRequest]) -> list[list[int]] | None:
+        """Stop tokens are banned until a request has produced its min_tokens."""
+        rows = []
+        for s in sampled:
+            req = s.request
+            if req.num_output_tokens < req.params.min_tokens:
+                eos = [] if req.params.ignore_eos else list(self.eos_token_ids)
+                rows.append(eos + req.params.stop_token_ids)
+            else:
+                rows.append([])
+        return rows if any(rows) else None

@@ -1,0 +1,136 @@
+"""Continuous batching with a per-step token budget, chunked prefill and preemption by recompute.
+
+One step schedules running requests first (a decode token each, or the next chunk of a prompt
+still being prefilled), then admits waiting requests while budget, sequence slots and KV blocks
+last. When a running request cannot grow, the most recently admitted running request is
+preempted: its blocks are freed and it goes back to the front of the queue to be recomputed.
+The scheduler moves only request objects; tensors are the runner's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.config import SchedulerConfig
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a next token is sampled."""
+        req = self.request
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.cfg = cfg
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"[{req.request_id}] duplicate request id")
+        needed = self.block_manager.blocks_needed(req.num_prompt_tokens + req.max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"[{req.request_id}] needs {needed} KV blocks at its longest, but the cache has "
+                f"{self.block_manager.num_blocks}"
+            )
+        if not self.cfg.enable_chunked_prefill and req.num_prompt_tokens > self.cfg.max_num_batched_tokens:
+            raise ValueError(
+                f"[{req.request_id}] prompt of {req.num_prompt_tokens} tokens exceeds the per-step budget of "
+                f"{self.cfg.max_num_batched_tokens} and chunked prefill is off"
+            )
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_uncomputed_tokens, budget)
+            if not self.cfg.enable_chunked_prefill and n < req.num_uncomputed_tokens:
+                i += 1
+                continue
+            while not self.block_manager.allocate(req, n):
+                victim = self.running.pop()  # never one already scheduled: those sit before i
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n))
+                budget -= n
+                i += 1
+        # Admit nothing new in a step that had to preempt: memory is short.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            computed = self.block_manager.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            remaining = req.num_uncomputed_tokens - len(computed) * self.block_manager.block_size
+            n = min(remaining, budget)
+            if not self.cfg.enable_chunked_prefill and n < remaining:
+                break
+            if not self.block_manager.allocate(req, n, computed):
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = len(computed) * self.block_manager.block_size
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+        return out
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Idempotent: a request finished twice (e.g. aborted after stopping) is left alone."""
+        if req.status.finished:
+            return
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        self.requests.pop(req.request_id, None)
+
+    def _preempt(self, req: Request) -> None:
+        logger.info("[%s] preempted (recompute): KV blocks exhausted", req.request_id)
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
