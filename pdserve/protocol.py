@@ -1,0 +1,336 @@
+"""Typed wire messages between router, decode workers and prefill workers.
+
+Every message is a dataclass; on the wire it is msgpack `[PROTOCOL_VERSION, type_tag, fields]`.
+Never pickle: a peer can only make us build these plain types. Tensor payloads travel beside
+the message as raw bytes (see kv_transfer/framing.py), never inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+
+from pdserve.outputs import RequestOutput, TokenLogprob
+from pdserve.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, of an unknown type, or from another protocol version."""
+
+
+# ---- KV layout: what two workers must agree on before KV can move between them ----
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    model: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def incompatibility(self, other: KVLayout) -> str | None:
+        """None if KV from `other` can land in this cache; else which fields differ."""
+        diffs = [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+        return "; ".join(diffs) if diffs else None
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+# ---- worker registration and health ----
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str  # "prefill" | "decode" | "colocated"
+    url: str  # internal HTTP API
+    kv_host: str
+    kv_port: int  # 0 when the worker receives no KV
+    layout: KVLayout
+    model_name: str
+    max_model_len: int
+
+
+@dataclass
+class WorkerLoad:
+    worker_id: str
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_reserved: int = 0  # requests holding blocks while their KV is being prefilled elsewhere
+    # (event, block_hash) since the last poll: "stored" / "removed"; feeds the router's prefix index.
+    kv_events: list[tuple[str, int]] = field(default_factory=list)
+    prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+
+
+# ---- router → decode worker ----
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]  # SamplingParams fields
+    # What the router knows that the decode worker's local-or-remote choice needs.
+    prefill_queue_depth: int = 0
+    num_prefill_workers: int = 0
+    allow_remote: bool = True
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.params)
+
+
+def params_to_dict(params: SamplingParams) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+# ---- decode worker → router (the generate stream) ----
+
+
+@dataclass
+class PrefillJob:
+    """A remote prefill: run the prompt, push KV for positions >= skip_tokens into dst_block_ids
+    of the decode worker at kv_host:kv_port, then report the first token."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict[str, Any]
+    decode_worker_id: str
+    kv_host: str
+    kv_port: int
+    dst_block_ids: list[int]
+    skip_tokens: int  # already cached on the decode worker: not computed there, not sent
+    deadline: float  # wall-clock (time.time()) after which the decode worker stops waiting
+    layout: KVLayout | None = None
+
+
+@dataclass
+class TokenChunk:
+    """One or more steps' worth of output for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[list[Any]] | None = None  # [token_id, logprob, [[id, lp], ...]] per token
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+    # Set on the first chunk: how the prompt was prefilled and what the transfer cost.
+    prefill_path: str | None = None  # "local" | "remote" | "fallback"
+    kv_bytes: int = 0
+    kv_seconds: float = 0.0
+
+    @classmethod
+    def from_output(cls, out: RequestOutput) -> TokenChunk:
+        lps = None
+        if out.logprobs is not None:
+            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.logprobs]
+        return cls(
+            request_id=out.request_id,
+            new_token_ids=out.new_token_ids,
+            new_text=out.new_text,
+            finished=out.finished,
+            finish_reason=out.finish_reason,
+            stop_reason=out.stop_reason,
+            logprobs=lps,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            num_output_tokens=out.num_output_tokens,
+            error=out.error,
+        )
+
+    def to_output(self) -> RequestOutput:
+        lps = None
+        if self.logprobs is not None:
+            lps = [TokenLogprob(int(t), float(lp), [(int(a), float(b)) for a, b in top]) for t, lp, top in self.logprobs]
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids,
+            new_text=self.new_text,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=lps,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            num_output_tokens=self.num_output_tokens,
+            error=self.error,
+        )
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+    reason: str = "client"
+
+
+# ---- prefill worker ↔ decode worker (the KV channel) ----
+
+
+@dataclass
+class KVHello:
+    """First message on a KV connection, sent by the prefill side after the challenge."""
+
+    protocol_version: int
+    worker_id: str
+    layout: KVLayout
+    transport: str  # "tcp" | "shm"
+    mac: bytes  # HMAC-SHA256(secret, challenge || worker_id)
+
+
+@dataclass
+class KVChallenge:
+    nonce: bytes
+    protocol_version: int
+
+
+@dataclass
+class KVHelloAck:
+    ok: bool
+    error: str | None = None
+    shm_name: str | None = None  # the decode worker's shared-memory KV cache, for transport shm
+    layout: KVLayout | None = None
+
+
+@dataclass
+class KVLayerChunk:
+    """KV of token positions [start, end) of one layer group. For tcp the payload follows the message;
+    for shm it was written straight into the receiver's cache. checksum: crc32 of the payload."""
+
+    request_id: str
+    layer_start: int
+    layer_end: int
+    start: int
+    end: int
+    wire_dtype: str
+    nbytes: int
+    checksum: int
+    scales_nbytes: int = 0  # fp8 wire compression: per-(layer, k/v, token) scales follow the payload
+
+
+@dataclass
+class PrefillDone:
+    request_id: str
+    first_token_id: int
+    first_logprob: list[Any] | None  # [token_id, logprob, [[id, lp], ...]]
+    num_tokens: int  # positions [skip, num_tokens) were sent
+    kv_bytes: int
+
+
+@dataclass
+class PrefillFailed:
+    request_id: str
+    error: str
+
+
+@dataclass
+class PrefillJobPull:
+    worker_id: str
+    timeout_s: float = 1.0
+
+
+# ---- encoding ----
+
+_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        KVLayout, WorkerInfo, WorkerLoad, GenerateRequest, PrefillJob, TokenChunk, AbortRequest,
+        KVHello, KVChallenge, KVHelloAck, KVLayerChunk, PrefillDone, PrefillFailed, PrefillJobPull,
+    )
+}  # fmt: skip
+
+T = TypeVar("T")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__t": type(obj).__name__, **{f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict) and "__t" in obj:
+        name = obj["__t"]
+        cls = _TYPES.get(name)
+        if cls is None:
+            raise ProtocolError(f"unknown message type {name!r}")
+        fields = {k: _from_plain(v) for k, v in obj.items() if k != "__t"}
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise ProtocolError(f"malformed {name}: {e}") from None
+    if isinstance(obj, list):
+        return [_from_plain(x) for x in obj]
+    return obj
+
+
+def encode(msg: Any) -> bytes:
+    if type(msg).__name__ not in _TYPES:
+        raise ProtocolError(f"not a wire message: {type(msg).__name__}")
+    return msgpack.packb([PROTOCOL_VERSION, _to_plain(msg)], use_bin_type=True)
+
+
+def decode(data: bytes, expect: type[T] | None = None) -> T:
+    try:
+        version, body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise ProtocolError(f"undecodable message: {e}") from None
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} != ours ({PROTOCOL_VERSION})")
+    msg = _from_plain(body)
+    if expect is not None and not isinstance(msg, expect):
+        raise ProtocolError(f"expected {expect.__name__}, got {type(msg).__name__}")
+    return msg  # type: ignore[no-any-return]
+
+
+# Length-prefixed frames for streams of messages (HTTP bodies, sockets).
+_LEN = struct.Struct("!I")
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def frame(msg: Any) -> bytes:
+    body = encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+class FrameReader:
+    """Incrementally splits a byte stream into decoded messages."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= _LEN.size:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > MAX_FRAME:
+                raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+            if len(self._buf) < _LEN.size + n:
+                break
+            out.append(decode(bytes(self._buf[_LEN.size : _LEN.size + n])))
+            del self._buf[: _LEN.size + n]
+        return out
