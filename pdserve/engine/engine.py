@@ -147,8 +147,8 @@ class LLMEngine:
         status = self._check_stop_token(req, token_id)
         detok = self._detokenizers.get(req.request_id)
         if detok is not None:
-            stop_str = detok.update([token_id])
-            if stop_str is not None and req.num_output_tokens >= req.params.min_tokens:
+            stop_str = detok.update([token_id])  # honours min_tokens itself
+            if stop_str is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
         if status is not None:
             self.scheduler.finish(req, status)
