@@ -98,3 +98,45 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str = field(default="colocated", metadata=_help("prefill | decode | colocated"))
+    worker_id: str = field(default="", metadata=_help("name in logs and metrics (default: role-port)"))
+    host: str = field(default="127.0.0.1", metadata=_help("internal API bind address"))
+    port: int = field(default=0, metadata=_help("internal API port (0: any free port)"))
+    kv_transport: str = field(default="tcp", metadata=_help("KV transfer: shm (same host) | tcp | local"))
+    kv_port: int = field(default=0, metadata=_help("KV channel port of a decode worker (0: any free port)"))
+    kv_wire_dtype: str = field(default="native", metadata=_help("KV on the wire (tcp): native | bfloat16 | fp8"))
+    kv_layers_per_chunk: int = field(default=1, metadata=_help("layers per KV message (prefill side)"))
+    kv_timeout_s: float = field(default=30.0, metadata=_help("remote prefill deadline before local fallback"))
+    router_url: str | None = field(default=None, metadata=_help("router to pull prefill jobs from (prefill role)"))
+    remote_prefill_threshold: int = field(
+        default=256, metadata=_help("uncached prompt tokens from which a decode worker prefills remotely")
+    )
+    max_queue_per_prefill_worker: int = field(
+        default=4, metadata=_help("prefill queue depth per prefill worker at which decode prefills locally")
+    )
+    link_gbps: float = field(default=4.0, metadata=_help("KV link bandwidth estimate, GB/s (decision only)"))
+    prefill_tokens_per_s: float = field(
+        default=1500.0, metadata=_help("local prefill speed estimate before measurements (decision only)")
+    )
+    cpus: str | None = field(default=None, metadata=_help("pin this worker to CPUs, e.g. '0' or '0-3'"))
+    shm_tag: str = field(default="", metadata=_help("tag in the shared-memory segment name (launcher use)"))
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"role must be prefill|decode|colocated, got {self.role!r}")
+        if self.kv_transport not in ("shm", "tcp", "local"):
+            raise ValueError(f"kv_transport must be shm|tcp|local, got {self.kv_transport!r}")
+        if self.kv_wire_dtype not in ("native", "bfloat16", "fp8"):
+            raise ValueError(f"kv_wire_dtype must be native|bfloat16|fp8, got {self.kv_wire_dtype!r}")
+        if self.kv_transport == "shm" and self.kv_wire_dtype != "native":
+            raise ValueError("kv_wire_dtype applies to tcp only: shm writes the cache dtype in place")
+        if self.kv_timeout_s <= 0:
+            raise ValueError(f"kv_timeout_s must be > 0, got {self.kv_timeout_s}")
+        if self.kv_layers_per_chunk < 1:
+            raise ValueError(f"kv_layers_per_chunk must be >= 1, got {self.kv_layers_per_chunk}")
+        if self.role == "prefill" and not self.router_url:
+            raise ValueError("a prefill worker needs --router-url to pull jobs from")

@@ -163,7 +163,10 @@ class TokenChunk:
     def to_output(self) -> RequestOutput:
         lps = None
         if self.logprobs is not None:
-            lps = [TokenLogprob(int(t), float(lp), [(int(a), float(b)) for a, b in top]) for t, lp, top in self.logprobs]
+            lps = [
+                TokenLogprob(int(t), float(lp), [(int(a), float(b)) for a, b in top])
+                for t, lp, top in self.logprobs
+            ]
         return RequestOutput(
             request_id=self.request_id,
             new_token_ids=self.new_token_ids,
@@ -183,6 +186,12 @@ class TokenChunk:
 class AbortRequest:
     request_id: str
     reason: str = "client"
+    # Router → decode worker: no prefill worker can still be writing this request's KV
+    # (its job never left the queue, or the prefill worker confirmed it stopped).
+    writer_stopped: bool = False
+    # Router → decode worker: the prefill worker holding the job died; prefill locally instead
+    # of aborting the request.
+    fall_back: bool = False
 
 
 # ---- prefill worker ↔ decode worker (the KV channel) ----
@@ -265,7 +274,10 @@ T = TypeVar("T")
 
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"__t": type(obj).__name__, **{f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+        return {
+            "__t": type(obj).__name__,
+            **{f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
+        }
     if isinstance(obj, list | tuple):
         return [_to_plain(x) for x in obj]
     return obj

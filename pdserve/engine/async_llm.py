@@ -1,42 +1,40 @@
 """AsyncLLM: the engine on a background thread, streaming deltas to asyncio callers.
 
 torch releases the GIL inside its kernels, so one engine thread next to the HTTP event loop
-keeps both busy. Commands (add/abort) cross into the thread through a queue; outputs cross back
-with call_soon_threadsafe onto each caller's own asyncio queue.
+keeps both busy. Work crosses into the thread as calls on a queue (the engine is touched by
+that thread only); outputs cross back with call_soon_threadsafe onto each caller's own queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pdserve.config import EngineConfig
 from pdserve.engine.client import EngineStats
-from pdserve.engine.engine import LLMEngine
+from pdserve.engine.engine import KVCacheFactory, LLMEngine
 from pdserve.engine.loader import LoadedModel
 from pdserve.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# How long the idle engine thread sleeps on its command queue before checking for shutdown.
-_IDLE_POLL_S = 0.05
+# How long the idle engine thread sleeps on its queue before running periodic work again.
+_IDLE_POLL_S = 0.02
+
+T = TypeVar("T")
 
 
 @dataclass
-class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class _Abort:
-    request_id: str
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future[Any] | None
 
 
 @dataclass
@@ -46,17 +44,26 @@ class _Stream:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        self.engine = LLMEngine(config, loaded)
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        kv_cache_factory: KVCacheFactory | None = None,
+    ) -> None:
+        self.engine = LLMEngine(config, loaded, kv_cache_factory)
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer
-        self._commands: queue.Queue[_Add | _Abort] = queue.Queue()
+        self._calls: queue.Queue[_Call] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = self.engine.stats()
+        # Runs on the engine thread every loop iteration (deadlines, leases).
+        self.on_tick: Callable[[LLMEngine], None] | None = None
+        # How an abort is carried out on the engine thread (a decode worker may hold blocks).
+        self.abort_fn: Callable[[LLMEngine, str], RequestOutput | None] = lambda eng, rid: eng.abort_request(rid)
 
     def start(self) -> None:
         if self._thread is None:
@@ -72,18 +79,22 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        self.engine.validate(prompt_token_ids, params)  # raise ValueErrors in the caller, not the thread
+    # ---- asyncio side ----
+
+    def open_stream(self, request_id: str) -> None:
+        """Register a request's output queue; do this before the engine may produce output for it."""
         if self._thread is None:
             raise RuntimeError("AsyncLLM.start() was not called")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id!r}")
-            self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt_token_ids, params))
+            self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes. Leaving early (client gone, cancelled)
+        aborts it, so its KV blocks free at once."""
+        with self._lock:
+            stream = self._streams[request_id]
         finished = False
         try:
             while not finished:
@@ -94,17 +105,57 @@ class AsyncLLM:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
-                # The caller went away (client disconnect, cancellation): free the KV now.
-                self._commands.put(_Abort(request_id))
+                self.submit(lambda eng: self._abort_and_deliver(request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread and return its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    def submit(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Run fn(engine) on the engine thread, fire and forget (callable from any thread)."""
+        self._calls.put(_Call(fn, None))
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.validate(prompt_token_ids, params)  # raise ValueErrors in the caller, not the thread
+        self.open_stream(request_id)
+        self.submit(lambda eng: self._add(request_id, prompt_token_ids, params))
+        async for out in self.stream(request_id):
+            yield out
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        self.submit(lambda eng: self._abort_and_deliver(request_id))
 
     # ---- engine thread ----
 
+    def deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        with self._lock:
+            if request_id not in self._streams:
+                return  # the caller left before the engine saw the request
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params)
+        except ValueError as e:
+            self.deliver(RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=str(e)))
+
+    def _abort_and_deliver(self, request_id: str) -> None:
+        out = self.abort_fn(self.engine, request_id)
+        if out is not None:
+            self.deliver(out)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_commands(block=not self.engine.has_unfinished())
+            self._drain_calls(block=not self.engine.has_unfinished())
+            if self.on_tick is not None:
+                self.on_tick(self.engine)
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -114,38 +165,34 @@ class AsyncLLM:
                 outputs = self._fail_all()
             self._stats = self.engine.stats()
             for out in outputs:
-                self._deliver(out)
+                self.deliver(out)
         for out in self._fail_all():
-            self._deliver(out)
+            self.deliver(out)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_calls(self, block: bool) -> None:
         try:
-            cmd = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
+            call = self._calls.get(timeout=_IDLE_POLL_S) if block else self._calls.get_nowait()
         except queue.Empty:
             return
         while True:
-            self._apply(cmd)
+            self._run_call(call)
             try:
-                cmd = self._commands.get_nowait()
+                call = self._calls.get_nowait()
             except queue.Empty:
                 break
         self._stats = self.engine.stats()
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
-        if isinstance(cmd, _Abort):
-            out = self.engine.abort_request(cmd.request_id)
-            if out is not None:
-                self._deliver(out)
-            return
-        with self._lock:
-            if cmd.request_id not in self._streams:
-                return  # the caller already left before the engine saw the request
+    def _run_call(self, call: _Call) -> None:
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-        except ValueError as e:
-            self._deliver(
-                RequestOutput(cmd.request_id, [], "", finished=True, finish_reason="error", error=str(e))
-            )
+            result = call.fn(self.engine)
+        except Exception as e:
+            if call.future is None:
+                logger.exception("engine call failed")
+            else:
+                call.future.set_exception(e)
+            return
+        if call.future is not None:
+            call.future.set_result(result)
 
     def _fail_all(self) -> list[RequestOutput]:
         outputs = []
@@ -155,9 +202,3 @@ class AsyncLLM:
                 out.finish_reason, out.error = "error", "internal engine error"
                 outputs.append(out)
         return outputs
-
-    def _deliver(self, out: RequestOutput) -> None:
-        with self._lock:
-            stream = self._streams.get(out.request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)

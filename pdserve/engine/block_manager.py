@@ -73,17 +73,21 @@ class BlockManager:
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks matching the request's longest block-aligned prefix. At least one token is
         left uncomputed, because the last prompt token must run to produce the next token's logits."""
+        hit = self.peek_cached_prefix(req.all_token_ids)
+        self.query_tokens += req.num_tokens
+        self.hit_tokens += len(hit) * self.block_size
+        return hit
+
+    def peek_cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """Like get_computed_blocks, without touching hit statistics (for routing decisions)."""
         if not self.enable_prefix_caching:
             return []
-        hashes = hash_prefix_blocks(req.all_token_ids[: req.num_tokens - 1], self.block_size)
         hit: list[int] = []
-        for h in hashes:
+        for h in hash_prefix_blocks(token_ids[: len(token_ids) - 1], self.block_size):
             block_id = self._cached.get(h)
             if block_id is None:
                 break
             hit.append(block_id)
-        self.query_tokens += req.num_tokens
-        self.hit_tokens += len(hit) * self.block_size
         return hit
 
     def can_allocate(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:

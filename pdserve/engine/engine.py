@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -11,15 +13,22 @@ from pdserve.engine.attention.base import get_backend
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.client import EngineStats
 from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.kv_output import KVStreamer
 from pdserve.engine.loader import LoadedModel, load_model
+from pdserve.engine.model import ModelArch
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, allocate_kv_caches, num_blocks_for_budget
 from pdserve.engine.sampler import make_generator
 from pdserve.engine.scheduler import Scheduler
 from pdserve.outputs import RequestOutput, TokenLogprob
+from pdserve.protocol import PrefillJob
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+# (arch, num_blocks, block_size, dtype, device) -> one cache tensor per layer; e.g. in shared memory.
+KVCacheFactory = Callable[[ModelArch, int, int, torch.dtype, torch.device], list[torch.Tensor]]
 
 
 class ContextLengthError(ValueError):
@@ -40,7 +49,12 @@ def resolve_max_tokens(num_prompt_tokens: int, params: SamplingParams, max_model
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        kv_cache_factory: KVCacheFactory | None = None,
+    ) -> None:
         self.config = config
         loaded = loaded if loaded is not None else load_model(config.model)
         self.model_name = config.model.served_model_name or loaded.name
@@ -59,7 +73,10 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.kv_caches = allocate_kv_caches(self.arch, num_blocks, cache.block_size, self.dtype, self.device)
+        if kv_cache_factory is not None:
+            self.kv_caches = kv_cache_factory(self.arch, num_blocks, cache.block_size, self.dtype, self.device)
+        else:
+            self.kv_caches = allocate_kv_caches(self.arch, num_blocks, cache.block_size, self.dtype, self.device)
         self.runner = ModelRunner(
             loaded.model,
             self.arch,
@@ -70,6 +87,11 @@ class LLMEngine:
             self.eos_token_ids,
         )
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # Prefill side: set by the prefill worker to ship KV of remote-prefill requests.
+        self.kv_streamer: KVStreamer | None = None
+        # Decode side: aborted remote prefills whose blocks stay held until the writer stops
+        # (shared-memory writers write before telling us), with the deadline that frees them anyway.
+        self.draining: dict[str, tuple[Request, float]] = {}
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens",
             self.model_name, self.device, self.dtype, num_blocks, cache.block_size,
@@ -101,15 +123,66 @@ class LLMEngine:
         if self.tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Free the request's blocks now. None if it is unknown or already finished."""
+    def abort_request(self, request_id: str, drain_s: float | None = None) -> RequestOutput | None:
+        """Free the request's blocks now. None if it is unknown or already finished. drain_s: for a
+        request whose KV a remote writer may still be writing, hold its blocks until release_draining
+        (or at most drain_s seconds) instead."""
         req = self.scheduler.requests.get(request_id)
         if req is None:
             return None
-        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        drain = drain_s is not None and req.status == RequestStatus.WAITING_FOR_KV
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED, free_blocks=not drain)
+        if drain:
+            self.draining[request_id] = (req, time.monotonic() + (drain_s or 0.0))
         self._detokenizers.pop(request_id, None)
         logger.info("[%s] aborted", request_id)
         return self._output(req, [], "", None)
+
+    # ---- remote prefill ----
+
+    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request | None:
+        """Decode side: hold blocks for the prompt so a prefill worker can fill them. None if short of memory."""
+        max_tokens = self.validate(prompt_token_ids, params)
+        req = Request(request_id, prompt_token_ids, params, max_tokens, make_generator(params.seed, self.device))
+        if not self.scheduler.reserve(req):
+            return None
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        return req
+
+    def complete_remote(
+        self, request_id: str, first_token_id: int, logprob: TokenLogprob | None
+    ) -> RequestOutput | None:
+        """Decode side: the prompt's KV arrived with the first token; decoding continues here."""
+        req = self.scheduler.reserved.get(request_id)
+        if req is None:
+            return None  # aborted meanwhile
+        self.scheduler.kv_arrived(req)
+        return self._postprocess(req, first_token_id, logprob)
+
+    def fall_back_to_local(self, request_id: str, reason: str) -> None:
+        req = self.scheduler.reserved.get(request_id)
+        if req is not None:
+            logger.warning("[%s] remote prefill failed (%s): prefilling locally", request_id, reason)
+            self.scheduler.fall_back_to_local(req)
+
+    def release_draining(self, request_id: str | None = None) -> None:
+        """Free held blocks of aborted remote prefills: one (its writer stopped) or all expired ones."""
+        now = time.monotonic()
+        for rid, (req, deadline) in list(self.draining.items()):
+            if rid == request_id or (request_id is None and now >= deadline):
+                del self.draining[rid]
+                self.block_manager.free(req)
+
+    def add_prefill_job(self, job: PrefillJob) -> None:
+        """Prefill side: run the prompt, ship its KV as it is computed, sample the first token."""
+        from dataclasses import replace
+
+        params = replace(SamplingParams(**job.params), max_tokens=1, min_tokens=0, n=1)
+        self.validate(job.prompt_token_ids, params)
+        req = Request(job.request_id, job.prompt_token_ids, params, 1, make_generator(params.seed, self.device))
+        req.kv_job = job
+        self.scheduler.add(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -131,7 +204,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        sampled, samples = self.runner.execute(sched.scheduled)
+        hook = self.kv_streamer.layer_hook_for(sched.scheduled) if self.kv_streamer is not None else None
+        sampled, samples = self.runner.execute(sched.scheduled, hook)
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(s.request)
@@ -143,6 +217,8 @@ class LLMEngine:
         return outputs
 
     def _postprocess(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        if req.kv_job is not None and self.kv_streamer is not None:
+            self.kv_streamer.send_first_token(req, token_id, logprob)
         req.append_token(token_id, logprob)
         status = self._check_stop_token(req, token_id)
         detok = self._detokenizers.get(req.request_id)

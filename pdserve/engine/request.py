@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.outputs import TokenLogprob
 from pdserve.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from pdserve.protocol import PrefillJob
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # Blocks reserved on a decode worker while another worker prefills the prompt into them.
+    WAITING_FOR_KV = "waiting_for_kv"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -62,6 +68,8 @@ class Request:
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
         self.stop_reason: str | int | None = None
+        # Prefill side of a remote prefill: where this request's KV goes.
+        self.kv_job: PrefillJob | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

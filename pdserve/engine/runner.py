@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,12 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], SamplerOutput | None]:
+    def execute(
+        self, scheduled: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
+    ) -> tuple[list[ScheduledRequest], SamplerOutput | None]:
         """Run one step. Returns the requests that sampled a token, with their samples."""
         inputs = prepare_inputs(scheduled, self.block_size, self.device)
-        ctx = ForwardContext(self.backend, inputs.meta, self.kv_caches)
+        ctx = ForwardContext(self.backend, inputs.meta, self.kv_caches, layer_hook)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)  # [num_tokens, hidden]
         if not inputs.sampled:
             return [], None

@@ -53,6 +53,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # Decode side of a remote prefill: blocks held, KV being written by a prefill worker.
+        self.reserved: dict[str, Request] = {}
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
@@ -98,7 +100,8 @@ class Scheduler:
         # Admit nothing new in a step that had to preempt: memory is short.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
-            computed = self.block_manager.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            # A request back from a remote prefill (or its fallback) already holds its blocks.
+            computed = self.block_manager.get_computed_blocks(req) if not req.block_table else []
             remaining = req.num_uncomputed_tokens - len(computed) * self.block_manager.block_size
             n = min(remaining, budget)
             if not self.cfg.enable_chunked_prefill and n < remaining:
@@ -106,7 +109,7 @@ class Scheduler:
             if not self.block_manager.allocate(req, n, computed):
                 break
             self.waiting.popleft()
-            if req.status == RequestStatus.WAITING:
+            if req.status == RequestStatus.WAITING and computed:
                 req.num_cached_tokens = len(computed) * self.block_manager.block_size
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -114,8 +117,10 @@ class Scheduler:
             budget -= n
         return out
 
-    def finish(self, req: Request, status: RequestStatus) -> None:
-        """Idempotent: a request finished twice (e.g. aborted after stopping) is left alone."""
+    def finish(self, req: Request, status: RequestStatus, free_blocks: bool = True) -> None:
+        """Idempotent: a request finished twice (e.g. aborted after stopping) is left alone.
+        free_blocks=False leaves the blocks held (the caller frees them later, e.g. once a remote
+        writer into them has stopped)."""
         if req.status.finished:
             return
         req.status = status
@@ -123,8 +128,42 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.block_manager.free(req)
+        self.reserved.pop(req.request_id, None)
+        if free_blocks:
+            self.block_manager.free(req)
         self.requests.pop(req.request_id, None)
+
+    # ---- remote prefill, decode side ----
+
+    def reserve(self, req: Request) -> bool:
+        """Hold blocks for the whole prompt (prefix hits included) so a prefill worker can write its
+        KV into them. False if memory is short; the caller then prefills locally."""
+        if req.request_id in self.requests:
+            raise ValueError(f"[{req.request_id}] duplicate request id")
+        computed = self.block_manager.get_computed_blocks(req)
+        uncached = req.num_tokens - len(computed) * self.block_manager.block_size
+        if not self.block_manager.allocate(req, uncached, computed):
+            return False
+        req.num_cached_tokens = req.num_computed_tokens
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.requests[req.request_id] = req
+        self.reserved[req.request_id] = req
+        return True
+
+    def kv_arrived(self, req: Request) -> None:
+        """All prompt KV is in the reserved blocks: the request queues for decoding."""
+        del self.reserved[req.request_id]
+        req.num_computed_tokens = req.num_tokens
+        self.block_manager.cache_full_blocks(req)
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def fall_back_to_local(self, req: Request) -> None:
+        """The remote prefill failed: compute the prompt here, in the blocks already held."""
+        del self.reserved[req.request_id]
+        req.num_computed_tokens = req.num_cached_tokens
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
 
     def _preempt(self, req: Request) -> None:
         logger.info("[%s] preempted (recompute): KV blocks exhausted", req.request_id)

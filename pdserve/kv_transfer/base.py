@@ -100,7 +100,9 @@ def write_kv(kv_caches: list[torch.Tensor], layer_start: int, slots: torch.Tenso
         flat.index_copy_(1, slots.to(cache.device), kv[i].to(cache.device, cache.dtype))
 
 
-def read_kv(kv_caches: list[torch.Tensor], layer_start: int, layer_end: int, slots: torch.Tensor) -> torch.Tensor:
+def read_kv(
+    kv_caches: list[torch.Tensor], layer_start: int, layer_end: int, slots: torch.Tensor
+) -> torch.Tensor:
     """Gather [layers, 2, tokens, H, D] from the paged caches at `slots` (a copy)."""
     out = []
     for layer in range(layer_start, layer_end):
@@ -113,7 +115,9 @@ def read_kv(kv_caches: list[torch.Tensor], layer_start: int, layer_end: int, slo
 class KVReceiver(ABC):
     """Decode side."""
 
-    def __init__(self, layout: KVLayout, kv_caches: list[torch.Tensor], on_done: OnDone, on_failed: OnFailed) -> None:
+    def __init__(
+        self, layout: KVLayout, kv_caches: list[torch.Tensor], on_done: OnDone, on_failed: OnFailed
+    ) -> None:
         self.layout = layout
         self.kv_caches = kv_caches
         self.on_done = on_done

@@ -69,7 +69,9 @@ def send_msg(sock: socket.socket, msg: Any, payload: bytes | memoryview = b"") -
         sock.sendall(payload)
 
 
-def server_handshake(sock: socket.socket, secret: bytes, layout: KVLayout, transport: str, shm_name: str | None) -> str:
+def server_handshake(
+    sock: socket.socket, secret: bytes, layout: KVLayout, transport: str, shm_name: str | None
+) -> str:
     """Run the decode side of the handshake. Returns the peer's worker id; raises on refusal."""
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
     nonce = os.urandom(32)

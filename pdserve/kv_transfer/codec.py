@@ -52,7 +52,11 @@ def encode_kv(kv: torch.Tensor, wire_dtype: str) -> tuple[bytes, bytes]:
 
 
 def decode_kv(
-    payload: bytes | memoryview, scales: bytes | memoryview, wire_dtype: str, shape: tuple[int, ...], dtype: torch.dtype
+    payload: bytes | memoryview,
+    scales: bytes | memoryview,
+    wire_dtype: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Inverse of encode_kv, returning [layers, 2, tokens, kv_heads, head_dim] in the cache dtype."""
     if wire_dtype == "native":

@@ -27,7 +27,9 @@ _next_port = iter(range(1, 1 << 30))
 
 
 class LocalKVReceiver(KVReceiver):
-    def __init__(self, layout: KVLayout, kv_caches: list[torch.Tensor], on_done: OnDone, on_failed: OnFailed) -> None:
+    def __init__(
+        self, layout: KVLayout, kv_caches: list[torch.Tensor], on_done: OnDone, on_failed: OnFailed
+    ) -> None:
         super().__init__(layout, kv_caches, on_done, on_failed)
         self._lock = threading.Lock()
         self._expected: dict[str, Expectation] = {}
@@ -41,7 +43,9 @@ class LocalKVReceiver(KVReceiver):
 
     def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
         with self._lock:
-            self._expected[request_id] = Expectation(request_id, dst_block_ids, skip_tokens, self.layout.num_layers)
+            self._expected[request_id] = Expectation(
+                request_id, dst_block_ids, skip_tokens, self.layout.num_layers
+            )
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -58,7 +62,12 @@ class LocalKVReceiver(KVReceiver):
             if exp is None:
                 return False
             end = start + kv.shape[2]
-            write_kv(self.kv_caches, layer_start, slots_for(exp.dst_block_ids, self.layout.block_size, start, end), kv)
+            write_kv(
+                self.kv_caches,
+                layer_start,
+                slots_for(exp.dst_block_ids, self.layout.block_size, start, end),
+                kv,
+            )
         exp.note(layer_start, layer_start + kv.shape[0], kv.shape[2], kv.numel() * kv.element_size())
         return True
 
@@ -66,6 +75,8 @@ class LocalKVReceiver(KVReceiver):
         with self._lock:
             exp = self._expected.pop(request_id, None)
         if exp is None:
+            # Reported anyway: the owner may hold blocks until the writer stops.
+            self.on_failed(request_id, "prefill ended after the request was given up")
             return
         if done is None:
             self.on_failed(request_id, error or "prefill failed")

@@ -6,6 +6,7 @@ the completion and aborts; the segment's name is revealed only after the handsha
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import uuid
@@ -49,14 +50,11 @@ class ShmKVCache:
     def close(self) -> None:
         """Unlink the segment. Tensors viewing it must not be used afterwards."""
         self.tensors = []
-        try:
+        # Views still alive keep the mapping until the process ends; the name goes now.
+        with contextlib.suppress(BufferError):
             self.shm.close()
-        except BufferError:
-            pass  # views still alive: the mapping goes with the process, the name goes now
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def attach(name: str, layout: KVLayout) -> tuple[shared_memory.SharedMemory, list[torch.Tensor]]:
@@ -76,7 +74,9 @@ class ShmKVReceiver(SocketKVReceiver):
         from pdserve.kv_transfer.base import KVTransferError
 
         if chunk.start < exp.skip_tokens:
-            raise KVTransferError(f"[{chunk.request_id}] chunk starts at {chunk.start} < skip {exp.skip_tokens}")
+            raise KVTransferError(
+                f"[{chunk.request_id}] chunk starts at {chunk.start} < skip {exp.skip_tokens}"
+            )
         slots = slots_for(exp.dst_block_ids, self.layout.block_size, chunk.start, chunk.end)
         kv = read_kv(self.kv_caches, chunk.layer_start, chunk.layer_end, slots)
         if checksum(encode_kv(kv, "native")[0]) != chunk.checksum:
@@ -99,7 +99,12 @@ class ShmKVSender(SocketKVSender):
         kv: torch.Tensor = item.payload  # [layers, 2, tokens, H, D]
         _, views = self._mapped[(peer.host, peer.port)]
         end = item.start + kv.shape[2]
-        write_kv(views, item.layer_start, slots_for(item.job.dst_block_ids, self.layout.block_size, item.start, end), kv)
+        write_kv(
+            views,
+            item.layer_start,
+            slots_for(item.job.dst_block_ids, self.layout.block_size, item.start, end),
+            kv,
+        )
         native = encode_kv(kv, "native")[0]
         chunk = KVLayerChunk(
             request_id=item.job.request_id,
@@ -116,8 +121,6 @@ class ShmKVSender(SocketKVSender):
     def close(self) -> None:
         super().close()
         for shm, _ in self._mapped.values():
-            try:
+            with contextlib.suppress(BufferError):
                 shm.close()
-            except BufferError:
-                pass
         self._mapped.clear()

@@ -78,7 +78,9 @@ class SocketKVReceiver(KVReceiver):
 
     def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
         with self._lock:
-            self._expected[request_id] = Expectation(request_id, dst_block_ids, skip_tokens, self.layout.num_layers)
+            self._expected[request_id] = Expectation(
+                request_id, dst_block_ids, skip_tokens, self.layout.num_layers
+            )
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -122,8 +124,9 @@ class SocketKVReceiver(KVReceiver):
                 elif isinstance(msg, PrefillDone):
                     self._on_prefill_done(msg)
                 elif isinstance(msg, PrefillFailed):
-                    if self._pop(msg.request_id) is not None:
-                        self.on_failed(msg.request_id, f"prefill worker failed: {msg.error}")
+                    # Reported even when no longer expected: the owner may hold blocks until the writer stops.
+                    self._pop(msg.request_id)
+                    self.on_failed(msg.request_id, f"prefill worker failed: {msg.error}")
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} on the KV channel")
         except (ConnectionError, OSError, ProtocolError) as e:
@@ -153,20 +156,30 @@ class SocketKVReceiver(KVReceiver):
             refused.add(chunk.request_id)
             send_msg(conn, AbortRequest(chunk.request_id, str(e)))
             return
-        exp.note(chunk.layer_start, chunk.layer_end, chunk.end - chunk.start, chunk.nbytes + chunk.scales_nbytes)
+        exp.note(
+            chunk.layer_start, chunk.layer_end, chunk.end - chunk.start, chunk.nbytes + chunk.scales_nbytes
+        )
 
     def _receive_payload(self, conn: socket.socket, chunk: KVLayerChunk) -> bytearray:
         return recv_exact(conn, chunk.nbytes + chunk.scales_nbytes)
 
     def _chunk_shape(self, chunk: KVLayerChunk) -> tuple[int, ...]:
         lay = self.layout
-        return (chunk.layer_end - chunk.layer_start, 2, chunk.end - chunk.start, lay.num_kv_heads, lay.head_dim)
+        return (
+            chunk.layer_end - chunk.layer_start,
+            2,
+            chunk.end - chunk.start,
+            lay.num_kv_heads,
+            lay.head_dim,
+        )
 
     def _store(self, exp: Expectation, chunk: KVLayerChunk, payload: bytearray) -> None:
         if checksum(payload) != chunk.checksum:
             raise KVTransferError(f"[{chunk.request_id}] KV checksum mismatch on layers {chunk.layer_start}+")
         if chunk.start < exp.skip_tokens:
-            raise KVTransferError(f"[{chunk.request_id}] chunk starts at {chunk.start} < skip {exp.skip_tokens}")
+            raise KVTransferError(
+                f"[{chunk.request_id}] chunk starts at {chunk.start} < skip {exp.skip_tokens}"
+            )
         view = memoryview(payload)
         kv = decode_kv(
             view[: chunk.nbytes], view[chunk.nbytes :], chunk.wire_dtype,
@@ -178,6 +191,7 @@ class SocketKVReceiver(KVReceiver):
     def _on_prefill_done(self, done: PrefillDone) -> None:
         exp = self._pop(done.request_id)
         if exp is None:
+            self.on_failed(done.request_id, "prefill finished after the request was given up")
             return
         missing = exp.missing(done.num_tokens)
         if missing:
@@ -216,18 +230,27 @@ class _Peer:
                 if item.kind != "kv":  # the request's last item: forget it
                     self.sender.aborted.discard(item.job.request_id)
                 continue
+            if item.kind == "kv" and time.time() > item.job.deadline:
+                # The decode side has given up on it and may reuse the blocks: never write late.
+                self.sender.aborted.add(item.job.request_id)
+                self.sender.report_error(item.job.request_id, "KV push after the job's deadline: dropped")
+                continue
             try:
                 if self.sock is None:
                     self._connect()
                 self.sender.push(self, item)
             except (OSError, ConnectionError, ProtocolError) as e:
                 self._drop_connection()
-                self.sender.report_error(item.job.request_id, f"KV push to {self.host}:{self.port} failed: {e}")
+                self.sender.report_error(
+                    item.job.request_id, f"KV push to {self.host}:{self.port} failed: {e}"
+                )
         self._drop_connection()
 
     def _connect(self) -> None:
         s = self.sender
-        self.sock, self.ack = client_connect(self.host, self.port, s.secret, s.worker_id, s.layout, s.transport)
+        self.sock, self.ack = client_connect(
+            self.host, self.port, s.secret, s.worker_id, s.layout, s.transport
+        )
         self.sender.on_connected(self)
         threading.Thread(target=self._read_loop, args=(self.sock,), name="kv-read", daemon=True).start()
 

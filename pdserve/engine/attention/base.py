@@ -8,6 +8,7 @@ never sees requests; it sees only this metadata.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +66,17 @@ class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     kv_caches: list[torch.Tensor]  # one [2, num_blocks, block_size, num_kv_heads, head_dim] per layer
+    # Called with the layer index once that layer's K/V are in the cache: a prefill worker ships
+    # them from here while the next layers compute.
+    layer_hook: Callable[[int], None] | None = None
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.meta, scale)
+        out = self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.meta, scale)
+        if self.layer_hook is not None:
+            self.layer_hook(layer_idx)
+        return out
 
 
 def get_backend(name: str) -> AttentionBackend:

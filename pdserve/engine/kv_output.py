@@ -1,0 +1,74 @@
+"""Prefill side of a remote prefill: ship each request's KV to its decode worker layer group by
+layer group, from inside the forward pass, so the transfer overlaps the remaining layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import ScheduledRequest
+from pdserve.kv_transfer.base import KVSender, read_kv, slots_for
+from pdserve.outputs import TokenLogprob
+from pdserve.protocol import PrefillDone, PrefillJob
+
+
+def logprob_to_wire(lp: TokenLogprob | None) -> list[object] | None:
+    return None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
+
+
+class KVStreamer:
+    def __init__(
+        self, sender: KVSender, kv_caches: list[torch.Tensor], block_size: int, layers_per_chunk: int = 1
+    ) -> None:
+        if layers_per_chunk < 1:
+            raise ValueError(f"layers_per_chunk must be >= 1, got {layers_per_chunk}")
+        self.sender = sender
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.num_layers = len(kv_caches)
+        self.layers_per_chunk = layers_per_chunk
+        self.bytes_sent: dict[str, int] = {}
+
+    def layer_hook_for(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
+        """The hook for this step's forward, or None when no scheduled request ships KV."""
+        items: list[tuple[PrefillJob, int, torch.Tensor]] = []
+        for s in scheduled:
+            req = s.request
+            job = req.kv_job
+            if job is None:
+                continue
+            # Positions the decode worker already holds (its prefix-cache hit) are not sent.
+            start = max(req.num_computed_tokens, job.skip_tokens)
+            end = req.num_computed_tokens + s.num_new_tokens
+            if end > start:
+                items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
+        if not items:
+            return None
+
+        def hook(layer: int) -> None:
+            if (layer + 1) % self.layers_per_chunk and layer != self.num_layers - 1:
+                return
+            first = layer - layer % self.layers_per_chunk
+            for job, start, slots in items:
+                kv = read_kv(self.kv_caches, first, layer + 1, slots)  # [layers, 2, tokens, H_kv, D]
+                self.sender.send_kv(job, first, kv, start)
+                self.bytes_sent[job.request_id] = (
+                    self.bytes_sent.get(job.request_id, 0) + kv.numel() * kv.element_size()
+                )
+
+        return hook
+
+    def send_first_token(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+        job = req.kv_job
+        assert job is not None
+        nbytes = self.bytes_sent.pop(req.request_id, 0)
+        self.sender.send_done(
+            job,
+            PrefillDone(req.request_id, token_id, logprob_to_wire(logprob), req.num_prompt_tokens, nbytes),
+        )
+
+    def send_failed(self, job: PrefillJob, error: str) -> None:
+        self.bytes_sent.pop(job.request_id, None)
+        self.sender.send_failed(job, error)

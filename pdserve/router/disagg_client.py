@@ -1,0 +1,320 @@
+"""The router's EngineClient: a pool of decode/colocated workers and a prefill pool behind them.
+
+Per request: pick a decode worker (KV-aware or round-robin), stream its frames back as
+RequestOutputs, and put any PrefillJob it emits on the shared prefill queue. Aborts reach both
+sides at once: the queue gives the job up (or names the prefill worker holding it), the decode
+worker frees its blocks, the prefill worker stops. A poller keeps every worker's load, health
+and KV events (for the prefix index) fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pdserve.engine.client import EngineStats
+from pdserve.outputs import RequestOutput
+from pdserve.protocol import (
+    AbortRequest,
+    FrameReader,
+    GenerateRequest,
+    PrefillJob,
+    ProtocolError,
+    TokenChunk,
+    WorkerInfo,
+    WorkerLoad,
+    decode,
+    encode,
+    params_to_dict,
+)
+from pdserve.router.policy import Candidate, RoundRobin, pick_kv_aware
+from pdserve.router.prefill_queue import PrefillQueue
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.1
+UNHEALTHY_AFTER_FAILURES = 3
+# Outer bound between two frames of one stream; the decode worker has its own, shorter deadlines.
+STREAM_READ_TIMEOUT_S = 600.0
+
+
+@dataclass
+class WorkerHandle:
+    info: WorkerInfo
+    load: WorkerLoad | None = None
+    healthy: bool = True
+    failures: int = 0
+    incompatible: str | None = None  # why this prefill worker may not serve the decode pool
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+
+@dataclass
+class RequestEvents:
+    """What the router saw of one request (for metrics and the per-request timeline)."""
+
+    decode_worker: str
+    prefill_path: str | None = None
+    kv_bytes: int = 0
+    kv_seconds: float = 0.0
+    enqueued: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DisaggClient:
+    def __init__(self, worker_urls: list[str], token: str, tokenizer: Any, routing: str = "kv_aware") -> None:
+        if routing not in ("kv_aware", "round_robin"):
+            raise ValueError(f"routing must be kv_aware|round_robin, got {routing!r}")
+        self.worker_urls = worker_urls
+        self.tokenizer = tokenizer
+        self.routing = routing
+        self._round_robin = RoundRobin()
+        self._http = httpx.AsyncClient(headers={"x-pdserve-token": token}, timeout=httpx.Timeout(10.0))
+        self.workers: dict[str, WorkerHandle] = {}
+        self.queue = PrefillQueue()
+        self.prefix_index: PrefixIndex | None = None
+        self.model_name = ""
+        self.max_model_len = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._streams: dict[str, str] = {}  # request id -> decode worker id
+        # Called once per request when its first chunk arrives: (events) → metrics.
+        self.on_first_chunk: Callable[[RequestEvents], None] | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        infos = await asyncio.gather(*(self._fetch_info(url, deadline) for url in self.worker_urls))
+        for info in infos:
+            self.workers[info.worker_id] = WorkerHandle(info)
+        decoders = self.decode_workers(healthy_only=False)
+        if not decoders:
+            raise ValueError("a deployment needs at least one decode or colocated worker")
+        ref = decoders[0].info
+        for w in decoders[1:]:
+            diff = ref.layout.incompatibility(w.info.layout)
+            if diff:
+                raise ValueError(
+                    f"decode workers {ref.worker_id} and {w.worker_id} have different KV layouts: {diff}"
+                )
+        for w in self.prefill_workers(healthy_only=False):
+            w.incompatible = ref.layout.incompatibility(w.info.layout)
+            if w.incompatible:
+                logger.error(
+                    "prefill worker %s refused: incompatible KV layout (%s)", w.worker_id, w.incompatible
+                )
+        self.model_name = ref.model_name
+        self.max_model_len = min(w.info.max_model_len for w in decoders)
+        self.prefix_index = PrefixIndex(ref.layout.block_size)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
+
+    async def shutdown(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        await self._http.aclose()
+
+    async def _fetch_info(self, url: str, deadline: float) -> WorkerInfo:
+        while True:
+            try:
+                resp = await self._http.get(f"{url}/worker/info")
+                if resp.status_code == 200:
+                    return decode(resp.content, WorkerInfo)
+                if resp.status_code == 401:
+                    raise PermissionError(f"worker {url} refused our token: secrets differ")
+            except (httpx.HTTPError, ProtocolError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {url} did not come up in time")
+            await asyncio.sleep(0.2)
+
+    # ---- pools ----
+
+    def decode_workers(self, healthy_only: bool = True) -> list[WorkerHandle]:
+        return [
+            w for w in self.workers.values()
+            if w.info.role in ("decode", "colocated") and (w.healthy or not healthy_only)
+        ]  # fmt: skip
+
+    def prefill_workers(self, healthy_only: bool = True) -> list[WorkerHandle]:
+        return [
+            w for w in self.workers.values()
+            if w.info.role == "prefill" and not w.incompatible and (w.healthy or not healthy_only)
+        ]  # fmt: skip
+
+    def prefill_pull_allowed(self, worker_id: str) -> str | None:
+        """None if this prefill worker may take jobs; else why not."""
+        w = self.workers.get(worker_id)
+        if w is None or w.info.role != "prefill":
+            return f"unknown prefill worker {worker_id!r}"
+        if w.incompatible:
+            return f"incompatible KV layout: {w.incompatible}"
+        return None
+
+    # ---- EngineClient ----
+
+    def stats(self) -> EngineStats:
+        loads = [w.load for w in self.decode_workers() if w.load is not None]
+        return EngineStats(
+            num_running=sum(x.num_running for x in loads),
+            num_waiting=sum(x.num_waiting + x.num_reserved for x in loads) + self.queue.depth,
+            num_free_blocks=sum(x.num_free_blocks for x in loads),
+            num_total_blocks=sum(x.num_total_blocks for x in loads),
+            num_preemptions=sum(x.num_preemptions for x in loads),
+            prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in loads),
+        )
+
+    def worker_loads(self) -> dict[str, WorkerLoad]:
+        return {w.worker_id: w.load for w in self.workers.values() if w.load is not None and w.healthy}
+
+    def _pick(self, prompt: list[int]) -> WorkerHandle:
+        decoders = self.decode_workers()
+        if not decoders:
+            raise RuntimeError("no healthy decode worker")
+        assert self.prefix_index is not None
+        overlap = self.prefix_index.overlap(prompt, [w.worker_id for w in decoders])
+        cands = []
+        for w in decoders:
+            load = w.load
+            usage = 1 - load.num_free_blocks / max(load.num_total_blocks, 1) if load else 0.0
+            cands.append(
+                Candidate(
+                    w.worker_id, overlap[w.worker_id], load.num_running if load else 0,
+                    (load.num_waiting + load.num_reserved) if load else 0, usage,
+                )
+            )  # fmt: skip
+        wid = (
+            pick_kv_aware(cands, len(prompt)) if self.routing == "kv_aware" else self._round_robin.pick(cands)
+        )
+        return self.workers[wid]
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        worker = self._pick(prompt_token_ids)
+        body = GenerateRequest(
+            request_id, prompt_token_ids, params_to_dict(params),
+            prefill_queue_depth=self.queue.depth, num_prefill_workers=len(self.prefill_workers()),
+            allow_remote=worker.info.role == "decode",
+        )  # fmt: skip
+        events = RequestEvents(worker.worker_id)
+        self._streams[request_id] = worker.worker_id
+        finished = False
+        try:
+            async for msg in self._stream(worker, body):
+                if isinstance(msg, PrefillJob):
+                    events.enqueued = time.monotonic()
+                    await self.queue.put(msg)
+                    continue
+                if msg.prefill_path is not None:
+                    self.queue.done(request_id)
+                    events.prefill_path, events.kv_bytes, events.kv_seconds = (
+                        msg.prefill_path,
+                        msg.kv_bytes,
+                        msg.kv_seconds,
+                    )
+                    if self.on_first_chunk is not None:
+                        self.on_first_chunk(events)
+                out = msg.to_output()
+                finished = out.finished
+                yield out
+            if not finished:
+                raise ConnectionError("the decode worker's stream ended early")
+        except (httpx.HTTPError, ConnectionError, ProtocolError) as e:
+            logger.warning("[%s] decode worker %s failed: %s", request_id, worker.worker_id, e)
+            finished = True
+            await self._abort_everywhere(request_id, worker)
+            yield RequestOutput(
+                request_id, [], "", finished=True, finish_reason="error", error=f"worker failed: {e}"
+            )
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await asyncio.shield(self._abort_everywhere(request_id, worker))
+
+    async def _stream(
+        self, worker: WorkerHandle, body: GenerateRequest
+    ) -> AsyncIterator[PrefillJob | TokenChunk]:
+        timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT_S)
+        async with self._http.stream(
+            "POST", f"{worker.info.url}/worker/generate", content=encode(body), timeout=timeout
+        ) as resp:
+            if resp.status_code != 200:
+                raise ConnectionError(f"HTTP {resp.status_code} from {worker.worker_id}")
+            reader = FrameReader()
+            async for data in resp.aiter_raw():
+                for msg in reader.feed(data):
+                    if not isinstance(msg, PrefillJob | TokenChunk):
+                        raise ProtocolError(f"unexpected {type(msg).__name__} in a generate stream")
+                    yield msg
+
+    async def abort(self, request_id: str) -> None:
+        wid = self._streams.get(request_id)
+        if wid is not None:
+            await self._abort_everywhere(request_id, self.workers[wid])
+
+    async def _abort_everywhere(self, request_id: str, decode_worker: WorkerHandle) -> None:
+        state, prefill_id = self.queue.cancel(request_id)
+        calls = [
+            self._post_abort(
+                decode_worker, AbortRequest(request_id, "client", writer_stopped=state != "in_flight")
+            )
+        ]
+        if state == "in_flight" and prefill_id in self.workers:
+            calls.append(self._post_abort(self.workers[prefill_id], AbortRequest(request_id, "client")))
+        await asyncio.gather(*calls)
+
+    async def _post_abort(self, worker: WorkerHandle, msg: AbortRequest) -> None:
+        try:
+            await self._http.post(f"{worker.info.url}/worker/abort", content=encode(msg), timeout=5.0)
+        except httpx.HTTPError as e:
+            logger.warning("[%s] abort to %s failed: %s", msg.request_id, worker.worker_id, e)
+
+    # ---- health and load ----
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _poll(self, w: WorkerHandle) -> None:
+        try:
+            resp = await self._http.get(f"{w.info.url}/worker/load", timeout=2.0)
+            if resp.status_code != 200:
+                raise ConnectionError(f"HTTP {resp.status_code}")
+            load = decode(resp.content, WorkerLoad)
+        except (httpx.HTTPError, ConnectionError, ProtocolError) as e:
+            w.failures += 1
+            if w.healthy and w.failures >= UNHEALTHY_AFTER_FAILURES:
+                await self._mark_dead(w, str(e))
+            return
+        if not w.healthy:
+            logger.info("worker %s is healthy again", w.worker_id)
+        w.failures, w.healthy, w.load = 0, True, load
+        if w.info.role != "prefill" and self.prefix_index is not None:
+            self.prefix_index.apply(w.worker_id, load.kv_events)
+
+    async def _mark_dead(self, w: WorkerHandle, reason: str) -> None:
+        logger.error("worker %s is unhealthy (%s): routing around it", w.worker_id, reason)
+        w.healthy = False
+        if self.prefix_index is not None:
+            self.prefix_index.remove_worker(w.worker_id)
+        if w.info.role == "prefill":
+            # Its jobs will never finish: their decode workers prefill locally now, not at the deadline.
+            lost = self.queue.forget_worker(w.worker_id)
+            for rid in lost:
+                wid = self._streams.get(rid)
+                if wid is not None:
+                    await self._post_abort(
+                        self.workers[wid],
+                        AbortRequest(rid, f"prefill worker {w.worker_id} died", fall_back=True),
+                    )

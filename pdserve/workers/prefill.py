@@ -1,0 +1,160 @@
+"""Prefill worker: pulls remote-prefill jobs from the router's shared queue, runs each prompt,
+and pushes its KV into the decode worker's reserved blocks layer by layer as the forward pass
+produces it, then the first token. It only pulls while it has room, so the queue's depth is the
+pool's real backlog (the signal to scale the prefill pool on)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.engine.async_llm import AsyncLLM
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.kv_output import KVStreamer
+from pdserve.kv_transfer import make_sender
+from pdserve.protocol import AbortRequest, PrefillJob, PrefillJobPull, WorkerInfo, WorkerLoad, decode, encode
+from pdserve.workers.common import kv_layout, worker_load
+
+logger = logging.getLogger(__name__)
+
+# Long-poll length of one pull; the router answers 204 when nothing came in that time.
+_PULL_TIMEOUT_S = 1.0
+_RETRY_S = 0.5
+
+
+class PrefillWorker:
+    def __init__(
+        self, cfg: WorkerConfig, engine_cfg: EngineConfig, secret: bytes, url: str, token: str
+    ) -> None:
+        self.cfg = cfg
+        self.url = url
+        self.token = token
+        self.llm = AsyncLLM(engine_cfg)
+        engine = self.llm.engine
+        self.layout = kv_layout(engine)
+        self.worker_id = cfg.worker_id or f"prefill-{cfg.port}"
+        self.sender = make_sender(
+            cfg.kv_transport,
+            self.layout,
+            self.worker_id,
+            secret,
+            cfg.kv_wire_dtype,
+            on_error=self._on_send_error,
+        )
+        self.sender.on_abort = self._on_decode_abort  # type: ignore[method-assign]
+        engine.kv_streamer = KVStreamer(
+            self.sender, engine.kv_caches, engine.block_manager.block_size, cfg.kv_layers_per_chunk
+        )
+        self._jobs: dict[str, PrefillJob] = {}  # in flight here
+        self._puller: asyncio.Task[None] | None = None
+        self.jobs_done = 0
+        self.llm.on_tick = self._tick
+
+    def start(self) -> None:
+        self.llm.start()
+        self._puller = asyncio.get_running_loop().create_task(self._pull_loop())
+
+    async def shutdown(self) -> None:
+        if self._puller is not None:
+            self._puller.cancel()
+        await self.llm.shutdown()
+        self.sender.close()
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            self.worker_id,
+            "prefill",
+            self.url,
+            self.cfg.host,
+            0,
+            self.layout,
+            self.llm.model_name,
+            self.llm.max_model_len,
+        )
+
+    def load(self) -> WorkerLoad:
+        events = self.llm.engine.block_manager.drain_events()
+        return worker_load(self.worker_id, self.llm, 0, events)
+
+    def _has_room(self) -> bool:
+        stats = self.llm.stats()
+        max_seqs = self.llm.engine.config.scheduler.max_num_seqs
+        # Keep at most one job queued behind the running ones: the rest wait in the shared queue,
+        # where an idle prefill worker can take them.
+        return stats.num_waiting < 1 and stats.num_running < max_seqs
+
+    async def _pull_loop(self) -> None:
+        assert self.cfg.router_url is not None
+        headers = {"x-pdserve-token": self.token}
+        async with httpx.AsyncClient(base_url=self.cfg.router_url, headers=headers, timeout=10.0) as client:
+            while True:
+                if not self._has_room():
+                    await asyncio.sleep(0.005)
+                    continue
+                try:
+                    resp = await client.post(
+                        "/internal/prefill/pull",
+                        content=encode(PrefillJobPull(self.worker_id, _PULL_TIMEOUT_S)),
+                    )
+                except httpx.HTTPError as e:
+                    logger.debug("prefill pull failed: %s", e)
+                    await asyncio.sleep(_RETRY_S)
+                    continue
+                if resp.status_code == 204:
+                    continue
+                if resp.status_code != 200:
+                    logger.warning("prefill pull: HTTP %d %s", resp.status_code, resp.text[:200])
+                    await asyncio.sleep(_RETRY_S)
+                    continue
+                await self._start_job(decode(resp.content, PrefillJob))
+
+    async def _start_job(self, job: PrefillJob) -> None:
+        rid = job.request_id
+        if time.time() > job.deadline:
+            logger.info("[%s] prefill job expired before it started", rid)
+            return
+        try:
+            await self.llm.call(lambda eng: self._add_job(eng, job))
+        except ValueError as e:
+            self.sender.send_failed(job, str(e))
+            return
+        logger.info(
+            "[%s] prefill job started (%d tokens, %d cached on decode)",
+            rid,
+            len(job.prompt_token_ids),
+            job.skip_tokens,
+        )
+
+    # ---- engine thread ----
+
+    def _add_job(self, eng: LLMEngine, job: PrefillJob) -> None:
+        eng.add_prefill_job(job)
+        self._jobs[job.request_id] = job
+
+    def _tick(self, eng: LLMEngine) -> None:
+        for rid in [r for r in self._jobs if r not in eng.scheduler.requests]:
+            del self._jobs[rid]
+            self.jobs_done += 1
+
+    # ---- aborts: from the router, from the decode side, or a broken link ----
+
+    async def abort(self, msg: AbortRequest) -> None:
+        await self.llm.call(lambda eng: self._abort_on_engine(eng, msg.request_id, "aborted"))
+
+    def _on_decode_abort(self, request_id: str) -> None:
+        self.llm.submit(lambda eng: self._abort_on_engine(eng, request_id, "decode side gave it up"))
+
+    def _on_send_error(self, request_id: str, error: str) -> None:
+        self.llm.submit(lambda eng: self._abort_on_engine(eng, request_id, error))
+
+    def _abort_on_engine(self, eng: LLMEngine, request_id: str, reason: str) -> None:
+        eng.abort_request(request_id)
+        job = self._jobs.pop(request_id, None)
+        if job is not None:
+            # The terminal message tells the decode side no more writes are coming.
+            assert eng.kv_streamer is not None
+            eng.kv_streamer.send_failed(job, reason)
