@@ -1,0 +1,104 @@
+"""Prometheus metrics of the HTTP front end, on a registry of their own.
+
+A dedicated `CollectorRegistry` (not the process-global one) lets several apps live in one
+process, as tests do. Engine-side numbers (queue lengths, KV usage, prefix hits, preemptions)
+are read from `engine.stats()` when Prometheus scrapes, so they are never stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pdserve.engine.client import EngineStats
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Buckets span a GPU serving in milliseconds and a laptop CPU taking seconds per step.
+TTFT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+    60.0, 120.0, 300.0, 600.0, 1200.0,
+)  # fmt: skip
+
+
+class _EngineStatsCollector(Collector):
+    """Turns one `engine.stats()` call per scrape into gauges and engine-lifetime counters."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            s = self._stats()
+        except Exception:
+            # A failing engine must not take the front end's own counters down with it.
+            logger.exception("engine.stats() failed during a metrics scrape")
+            return
+        yield GaugeMetricFamily("pdserve_num_requests_running", "requests being run", value=s.num_running)
+        yield GaugeMetricFamily("pdserve_num_requests_waiting", "requests queued", value=s.num_waiting)
+        yield GaugeMetricFamily(
+            "pdserve_kv_cache_usage_ratio", "fraction of KV blocks in use (0..1)", value=s.kv_cache_usage
+        )
+        yield CounterMetricFamily(
+            "pdserve_prefix_cache_hit_tokens",
+            "prompt tokens served from the prefix cache",
+            value=s.prefix_cache_hit_tokens,
+        )
+        yield CounterMetricFamily(
+            "pdserve_prefix_cache_query_tokens",
+            "prompt tokens looked up in the prefix cache",
+            value=s.prefix_cache_query_tokens,
+        )
+        yield CounterMetricFamily(
+            "pdserve_num_preemptions", "requests preempted to free KV blocks", value=s.num_preemptions
+        )
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "pdserve_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("pdserve_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "time from arrival to the first generated token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pdserve_inter_token_latency_seconds",
+            "time between consecutive outputs of one request",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "time from arrival to the last token",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        r.register(_EngineStatsCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

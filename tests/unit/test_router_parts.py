@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pdserve.engine.block_manager import hash_prefix_blocks
+from pdserve.protocol import PrefillJob
+from pdserve.router.policy import Candidate, RoundRobin, pick_kv_aware
+from pdserve.router.prefill_queue import PrefillQueue
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.workers.disagg_policy import DisaggPolicy, choose_prefill_path
+
+
+def job(rid: str, deadline_in: float = 30.0) -> PrefillJob:
+    return PrefillJob(rid, [1, 2, 3], {}, "d0", "127.0.0.1", 1, [0], 0, time.time() + deadline_in)
+
+
+async def test_queue_is_fifo_and_tracks_holders() -> None:
+    q = PrefillQueue()
+    await q.put(job("a"))
+    await q.put(job("b"))
+    assert q.depth == 2
+    got = await q.pull("p0", 0.1)
+    assert got is not None and got.request_id == "a"
+    assert q.cancel("a") == ("in_flight", "p0")
+    assert q.cancel("b") == ("queued", None)
+    assert q.cancel("b") == ("unknown", None)
+    assert q.depth == 0 and q.in_flight == 0
+
+
+async def test_pull_waits_then_times_out_and_skips_expired() -> None:
+    q = PrefillQueue()
+    t0 = time.monotonic()
+    assert await q.pull("p0", 0.05) is None
+    assert time.monotonic() - t0 >= 0.04
+    await q.put(job("old", deadline_in=-1))
+    puller = asyncio.create_task(q.pull("p0", 1.0))
+    await asyncio.sleep(0.01)
+    await q.put(job("new"))
+    got = await puller
+    assert got is not None and got.request_id == "new"
+
+
+async def test_forget_worker_returns_its_jobs() -> None:
+    q = PrefillQueue()
+    await q.put(job("a"))
+    await q.pull("p1", 0.1)
+    assert q.forget_worker("p1") == ["a"]
+    assert q.in_flight == 0
+
+
+def test_prefix_index_counts_leading_blocks() -> None:
+    idx = PrefixIndex(block_size=4)
+    prompt = list(range(20))
+    hashes = hash_prefix_blocks(prompt[:12], 4)
+    idx.apply("d0", [("stored", h) for h in hashes])
+    idx.apply("d1", [("stored", hashes[0])])
+    assert idx.overlap(prompt, ["d0", "d1", "d2"]) == {"d0": 12, "d1": 4, "d2": 0}
+    idx.apply("d0", [("removed", hashes[1])])
+    assert idx.overlap(prompt, ["d0"]) == {"d0": 4}
+    idx.remove_worker("d0")
+    idx.remove_worker("d1")
+    assert len(idx) == 0
+
+
+def test_kv_aware_prefers_overlap_unless_overloaded() -> None:
+    a = Candidate("a", cached_tokens=900, num_running=2, num_waiting=0, kv_usage=0.1)
+    b = Candidate("b", cached_tokens=0, num_running=2, num_waiting=0, kv_usage=0.1)
+    assert pick_kv_aware([a, b], 1000) == "a"
+    busy = Candidate("a", cached_tokens=900, num_running=40, num_waiting=20, kv_usage=0.95)
+    assert pick_kv_aware([busy, b], 1000) == "b"
+    rr = RoundRobin()
+    assert [rr.pick([a, b]) for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_disagg_decision() -> None:
+    policy = DisaggPolicy(threshold_tokens=256, max_queue_per_prefill_worker=4, link_bytes_per_s=4e9, kv_bytes_per_token=46080)
+    assert not choose_prefill_path(100, 0, 1, 1500.0, policy).remote  # short
+    assert choose_prefill_path(1800, 0, 1, 1500.0, policy).remote
+    assert not choose_prefill_path(1800, 4, 1, 1500.0, policy).remote  # queue saturated
+    assert not choose_prefill_path(1800, 0, 0, 1500.0, policy).remote  # no prefill worker
+    slow_link = DisaggPolicy(256, 4, 1e6, 46080)
+    decision = choose_prefill_path(1800, 0, 1, 1500.0, slow_link)
+    assert not decision.remote and "transfer" in decision.reason
