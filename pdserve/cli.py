@@ -1,5 +1,9 @@
-"""`pdserve` command line. `pdserve serve` runs the OpenAI-compatible server in front of an
-in-process engine; its flags are generated from the config dataclasses (see cli_args.py)."""
+"""`pdserve` command line; flags are generated from the config dataclasses (see cli_args.py).
+
+  pdserve serve    a whole deployment: router + prefill/decode/colocated worker processes
+                   (default 1 prefill + 1 decode); --inprocess: one engine inside the server
+  pdserve worker   one worker process (the launcher starts these; operators may too)
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from pdserve.cli_args import add_dataclass_args, dataclass_from_args
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from pdserve.cli_args import add_dataclass_args, dataclass_from_args, dataclass_to_argv
+from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig, WorkerConfig
 
 if TYPE_CHECKING:
     import uvicorn
@@ -23,23 +27,57 @@ logger = logging.getLogger("pdserve.cli")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve = subparsers.add_parser(
-        "serve",
-        help="serve a model over the OpenAI API with an in-process engine",
-        description="Serve a model over the OpenAI-compatible HTTP API with an in-process engine.",
-    )
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig, ServerConfig):
-        add_dataclass_args(serve.add_argument_group(cls.__name__), cls)
+# WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
+_PER_WORKER_FIELDS = ("role", "worker_id", "host", "port", "kv_port", "router_url", "cpus", "shm_tag", "kv_transport")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+        add_dataclass_args(parser.add_argument_group(cls.__name__), cls)
     add_dataclass_args(
-        serve.add_argument_group(EngineConfig.__name__),
+        parser.add_argument_group(EngineConfig.__name__),
         EngineConfig,
         help_overrides={
             "attention_backend": "attention implementation: torch (reference, CPU) | triton (GPU)"
         },
     )
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API (router + prefill/decode workers)",
+        description="Serve a model over the OpenAI-compatible HTTP API: a router in this process and "
+        "prefill / decode / colocated workers as processes of their own.",
+    )
+    _add_engine_args(serve)
+    add_dataclass_args(serve.add_argument_group(ServerConfig.__name__), ServerConfig)
+    dep = serve.add_argument_group("deployment")
+    dep.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (default: %(default)s)")
+    dep.add_argument("--decode", type=int, default=1, metavar="N", help="decode workers (default: %(default)s)")
+    dep.add_argument("--colocated", type=int, default=0, metavar="N", help="colocated workers (default: %(default)s)")
+    dep.add_argument("--transport", choices=("shm", "tcp"), default="shm", help="KV transport (default: %(default)s)")
+    dep.add_argument("--routing", choices=("kv_aware", "round_robin"), default="kv_aware", help="decode-worker choice")
+    dep.add_argument(
+        "--pin-cpus", action=argparse.BooleanOptionalAction, default=None,
+        help="pin each worker to its own CPUs (default: on when there are at least as many CPUs as workers)",
+    )  # fmt: skip
+    dep.add_argument("--worker-log-dir", default=None, help="write each worker's log to a file here")
+    dep.add_argument("--inprocess", action="store_true", help="no workers: one engine inside the server process")
+    add_dataclass_args(serve.add_argument_group("disaggregation"), WorkerConfig, exclude=_PER_WORKER_FIELDS)
     # Errors in config values are reported against `pdserve serve`'s own usage line.
     serve.set_defaults(handler=functools.partial(_run_serve, serve))
+
+
+def _add_worker_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = subparsers.add_parser(
+        "worker",
+        help="run one prefill, decode or colocated worker",
+        description="One engine in one process behind the internal worker API. Needs PDSERVE_SECRET.",
+    )
+    _add_engine_args(worker)
+    add_dataclass_args(worker.add_argument_group(WorkerConfig.__name__), WorkerConfig)
+    worker.set_defaults(handler=functools.partial(_run_worker, worker))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_parser(subparsers)
+    _add_worker_parser(subparsers)
     return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return dataclass_from_args(
+        EngineConfig,
+        args,
+        model=dataclass_from_args(ModelConfig, args),
+        cache=dataclass_from_args(CacheConfig, args),
+        scheduler=dataclass_from_args(SchedulerConfig, args),
+    )
 
 
 def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -56,27 +105,59 @@ def serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
     server = dataclass_from_args(ServerConfig, args)
     if server.log_level not in _LOG_LEVELS:
         raise ValueError(f"log_level must be one of {'|'.join(_LOG_LEVELS)}, got {server.log_level!r}")
-    engine = dataclass_from_args(
-        EngineConfig,
-        args,
-        model=dataclass_from_args(ModelConfig, args),
-        cache=dataclass_from_args(CacheConfig, args),
-        scheduler=dataclass_from_args(SchedulerConfig, args),
+    return engine_config(args), server
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper() if level != "trace" else "DEBUG",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return engine, server
+    # One line per internal poll would drown the request logs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         engine_cfg, server_cfg = serve_configs(args)
+        worker_defaults = dataclass_from_args(WorkerConfig, args, role="decode")
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2, like any other bad flag
-    logging.basicConfig(
-        level=server_cfg.log_level.upper() if server_cfg.log_level != "trace" else "DEBUG",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    asyncio.run(_serve(engine_cfg, server_cfg))
+    _setup_logging(server_cfg.log_level)
+    if args.inprocess:
+        asyncio.run(_serve(engine_cfg, server_cfg))
+        return 0
+    from pdserve.launch.serve import serve_deployment
+
+    try:
+        serve_deployment(args, engine_cfg, server_cfg, worker_defaults)
+    except ValueError as exc:
+        parser.error(str(exc))
     return 0
+
+
+def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        engine_cfg = engine_config(args)
+        worker_cfg = dataclass_from_args(WorkerConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from pdserve import envs
+    from pdserve.workers.worker import run_worker
+
+    _setup_logging(envs.log_level())
+    run_worker(worker_cfg, engine_cfg)
+    return 0
+
+
+def engine_argv(engine_cfg: EngineConfig) -> list[str]:
+    """Flags that rebuild engine_cfg in a worker process."""
+    return (
+        dataclass_to_argv(engine_cfg.model)
+        + dataclass_to_argv(engine_cfg.cache)
+        + dataclass_to_argv(engine_cfg.scheduler)
+        + dataclass_to_argv(engine_cfg)
+    )
 
 
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:

@@ -84,3 +84,17 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
     values = {f.name: getattr(args, f.name) for f, _ in _flag_fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def dataclass_to_argv(obj: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild `obj` in another process: one per field that differs from its default."""
+    argv: list[str] = []
+    for f, tp in _flag_fields(type(obj)):
+        value = getattr(obj, f.name)
+        if f.name in exclude or value == _default_of(f):
+            continue
+        if tp is bool:
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif value is not None:
+            argv += [flag_name(f.name), str(value)]
+    return argv

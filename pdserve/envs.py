@@ -23,3 +23,9 @@ def internal_token(secret_value: bytes) -> str:
 def log_level() -> str:
     """PDSERVE_LOG_LEVEL: logging level of pdserve processes (default INFO)."""
     return os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper()
+
+
+def fault_kv_delay_s() -> float:
+    """PDSERVE_FAULT_KV_DELAY_S: fault injection for tests and drills; the prefill side sleeps this
+    long before each KV chunk it sends, widening the transfer window (default 0)."""
+    return float(os.environ.get("PDSERVE_FAULT_KV_DELAY_S", "0") or 0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pdserve import envs
 from pdserve.kv_transfer.base import (
     Expectation,
     KVReceiver,
@@ -287,6 +288,7 @@ class SocketKVSender(KVSender):
         self.wire_dtype = wire_dtype
         self.on_error = on_error
         self.aborted: set[str] = set()
+        self.fault_delay_s = envs.fault_kv_delay_s()
         self._peers: dict[tuple[str, int], _Peer] = {}
         self._lock = threading.Lock()
 
@@ -325,6 +327,8 @@ class SocketKVSender(KVSender):
     def push(self, peer: _Peer, item: _Item) -> None:
         assert peer.sock is not None
         if item.kind == "kv":
+            if self.fault_delay_s:
+                time.sleep(self.fault_delay_s)
             chunk, payload = self.encode_chunk(peer, item)
             send_msg(peer.sock, chunk, payload)
         else:

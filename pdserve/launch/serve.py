@@ -1,0 +1,97 @@
+"""`pdserve serve` (the default, multi-process form): start the workers, wait for them, serve the
+router here, and tear the workers down whatever way this process ends."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+from types import FrameType
+
+from pdserve import envs
+from pdserve.cli_args import dataclass_to_argv
+from pdserve.config import EngineConfig, ServerConfig, WorkerConfig
+from pdserve.launch.local import LocalDeployment, free_port
+
+logger = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 300.0
+_PER_WORKER = ("role", "worker_id", "host", "port", "kv_port", "router_url", "cpus", "shm_tag", "kv_transport")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def serve_deployment(
+    args: argparse.Namespace, engine_cfg: EngineConfig, server_cfg: ServerConfig, worker_defaults: WorkerConfig
+) -> None:
+    from pdserve.cli import engine_argv
+
+    port = server_cfg.port or free_port(server_cfg.host)
+    if port != server_cfg.port:
+        from dataclasses import replace
+
+        server_cfg = replace(server_cfg, port=port)
+    num_workers = args.prefill + args.decode + args.colocated
+    pin = args.pin_cpus if args.pin_cpus is not None else (os.cpu_count() or 1) >= num_workers > 1
+    router_host = "127.0.0.1" if server_cfg.host in ("0.0.0.0", "::") else server_cfg.host
+    deployment = LocalDeployment(
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        num_colocated=args.colocated,
+        transport=args.transport,
+        router_url=f"http://{router_host}:{port}",
+        engine_args=engine_argv(engine_cfg),
+        worker_args=dataclass_to_argv(worker_defaults, exclude=_PER_WORKER),
+        pin_cpus=pin,
+        log_dir=Path(args.worker_log_dir) if args.worker_log_dir else None,
+    )
+    secret = os.environ.get("PDSERVE_SECRET") or secrets.token_hex(32)
+    # A SIGTERM while the workers start must still run the teardown below.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        deployment.start(secret)
+        deployment.wait_healthy(WORKER_START_TIMEOUT_S)
+        asyncio.run(_serve_router(deployment, engine_cfg, server_cfg, secret.encode(), args.routing))
+    except KeyboardInterrupt:
+        logger.info("interrupted: stopping the deployment")
+    finally:
+        deployment.stop()
+        logger.info("deployment stopped")
+
+
+async def _serve_router(
+    deployment: LocalDeployment, engine_cfg: EngineConfig, server_cfg: ServerConfig, secret: bytes, routing: str
+) -> None:
+    import uvicorn
+
+    from pdserve.cli import _ignore_signal, _log_when_ready
+    from pdserve.engine.loader import load_tokenizer
+    from pdserve.router.disagg_client import DisaggClient
+    from pdserve.router.server import build_router_app
+
+    token = envs.internal_token(secret)
+    tokenizer = await asyncio.to_thread(load_tokenizer, engine_cfg.model)
+    client = DisaggClient([w.url for w in deployment.workers], token, tokenizer, routing)
+    await client.start()
+    if engine_cfg.model.served_model_name:
+        client.model_name = engine_cfg.model.served_model_name
+    try:
+        app = build_router_app(client, server_cfg, token)
+        config = uvicorn.Config(
+            app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
+            lifespan="off", timeout_graceful_shutdown=5, access_log=False,
+        )  # fmt: skip
+        server = uvicorn.Server(config)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _ignore_signal)
+        serving = asyncio.create_task(server.serve())
+        await _log_when_ready(server, serving, client.model_name)
+        await serving
+    finally:
+        await client.shutdown()
