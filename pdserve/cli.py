@@ -1,8 +1,8 @@
 """`pdserve` command line; flags are generated from the config dataclasses (see cli_args.py).
 
-  pdserve serve    a whole deployment: router + prefill/decode/colocated worker processes
-                   (default 1 prefill + 1 decode); --inprocess: one engine inside the server
-  pdserve worker   one worker process (the launcher starts these; operators may too)
+pdserve serve    a whole deployment: router + prefill/decode/colocated worker processes
+                 (default 1 prefill + 1 decode); --inprocess: one engine inside the server
+pdserve worker   one worker process (the launcher starts these; operators may too)
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 # WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
-_PER_WORKER_FIELDS = ("role", "worker_id", "host", "port", "kv_port", "router_url", "cpus", "shm_tag", "kv_transport")
+_PER_WORKER_FIELDS = (
+    "role",
+    "worker_id",
+    "host",
+    "port",
+    "kv_port",
+    "router_url",
+    "cpus",
+    "shm_tag",
+    "kv_transport",
+)
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -53,17 +63,29 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     _add_engine_args(serve)
     add_dataclass_args(serve.add_argument_group(ServerConfig.__name__), ServerConfig)
     dep = serve.add_argument_group("deployment")
-    dep.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (default: %(default)s)")
-    dep.add_argument("--decode", type=int, default=1, metavar="N", help="decode workers (default: %(default)s)")
-    dep.add_argument("--colocated", type=int, default=0, metavar="N", help="colocated workers (default: %(default)s)")
-    dep.add_argument("--transport", choices=("shm", "tcp"), default="shm", help="KV transport (default: %(default)s)")
-    dep.add_argument("--routing", choices=("kv_aware", "round_robin"), default="kv_aware", help="decode-worker choice")
+    dep.add_argument(
+        "--prefill", type=int, default=1, metavar="N", help="prefill workers (default: %(default)s)"
+    )
+    dep.add_argument(
+        "--decode", type=int, default=1, metavar="N", help="decode workers (default: %(default)s)"
+    )
+    dep.add_argument(
+        "--colocated", type=int, default=0, metavar="N", help="colocated workers (default: %(default)s)"
+    )
+    dep.add_argument(
+        "--transport", choices=("shm", "tcp"), default="shm", help="KV transport (default: %(default)s)"
+    )
+    dep.add_argument(
+        "--routing", choices=("kv_aware", "round_robin"), default="kv_aware", help="decode-worker choice"
+    )
     dep.add_argument(
         "--pin-cpus", action=argparse.BooleanOptionalAction, default=None,
         help="pin each worker to its own CPUs (default: on when there are at least as many CPUs as workers)",
     )  # fmt: skip
     dep.add_argument("--worker-log-dir", default=None, help="write each worker's log to a file here")
-    dep.add_argument("--inprocess", action="store_true", help="no workers: one engine inside the server process")
+    dep.add_argument(
+        "--inprocess", action="store_true", help="no workers: one engine inside the server process"
+    )
     add_dataclass_args(serve.add_argument_group("disaggregation"), WorkerConfig, exclude=_PER_WORKER_FIELDS)
     # Errors in config values are reported against `pdserve serve`'s own usage line.
     serve.set_defaults(handler=functools.partial(_run_serve, serve))

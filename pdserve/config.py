@@ -19,7 +19,9 @@ class ModelConfig:
         default="smollm2",
         metadata=_help("model: 'smollm2', a GGUF file, a Hugging Face model directory, or dummy:<shape>"),
     )
-    dtype: str = field(default="auto", metadata=_help("float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on GPU)"))
+    dtype: str = field(
+        default="auto", metadata=_help("float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on GPU)")
+    )
     device: str = field(default="auto", metadata=_help("cpu | cuda | auto (cuda when available)"))
     max_model_len: int | None = field(default=None, metadata=_help("context length (default: the model's)"))
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer directory (default: the model's)"))
@@ -50,7 +52,9 @@ class CacheConfig:
     block_size: int = field(default=16, metadata=_help("tokens per KV block"))
     kv_cache_memory_gb: float = field(default=1.0, metadata=_help("KV cache budget in GiB (CPU)"))
     gpu_memory_utilization: float = field(default=0.9, metadata=_help("fraction of GPU memory to use (GPU)"))
-    num_blocks: int | None = field(default=None, metadata=_help("exact number of KV blocks (overrides the budget)"))
+    num_blocks: int | None = field(
+        default=None, metadata=_help("exact number of KV blocks (overrides the budget)")
+    )
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV of shared prompt prefixes"))
 
     def __post_init__(self) -> None:
@@ -108,10 +112,14 @@ class WorkerConfig:
     port: int = field(default=0, metadata=_help("internal API port (0: any free port)"))
     kv_transport: str = field(default="tcp", metadata=_help("KV transfer: shm (same host) | tcp | local"))
     kv_port: int = field(default=0, metadata=_help("KV channel port of a decode worker (0: any free port)"))
-    kv_wire_dtype: str = field(default="native", metadata=_help("KV on the wire (tcp): native | bfloat16 | fp8"))
+    kv_wire_dtype: str = field(
+        default="native", metadata=_help("KV on the wire (tcp): native | bfloat16 | fp8")
+    )
     kv_layers_per_chunk: int = field(default=1, metadata=_help("layers per KV message (prefill side)"))
     kv_timeout_s: float = field(default=30.0, metadata=_help("remote prefill deadline before local fallback"))
-    router_url: str | None = field(default=None, metadata=_help("router to pull prefill jobs from (prefill role)"))
+    router_url: str | None = field(
+        default=None, metadata=_help("router to pull prefill jobs from (prefill role)")
+    )
     remote_prefill_threshold: int = field(
         default=256, metadata=_help("uncached prompt tokens from which a decode worker prefills remotely")
     )

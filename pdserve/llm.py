@@ -61,7 +61,7 @@ class LLM:
         results: list[GenerateResult] = []
         pending: dict[str, tuple[int, int]] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
-            ids = self._encode(prompt)
+            ids = self._encode(prompt)  # type: ignore[arg-type]
             results.append(GenerateResult(prompt if isinstance(prompt, str) else None, ids))
             for j in range(p.n):
                 # Each of the n samples is its own engine request; the prefix cache shares the prompt.

@@ -336,7 +336,7 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[Any]:
         self._buf += data
-        out = []
+        out: list[Any] = []
         while len(self._buf) >= _LEN.size:
             (n,) = _LEN.unpack_from(self._buf)
             if n > MAX_FRAME:

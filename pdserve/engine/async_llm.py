@@ -63,7 +63,9 @@ class AsyncLLM:
         # Runs on the engine thread every loop iteration (deadlines, leases).
         self.on_tick: Callable[[LLMEngine], None] | None = None
         # How an abort is carried out on the engine thread (a decode worker may hold blocks).
-        self.abort_fn: Callable[[LLMEngine, str], RequestOutput | None] = lambda eng, rid: eng.abort_request(rid)
+        self.abort_fn: Callable[[LLMEngine, str], RequestOutput | None] = lambda eng, rid: eng.abort_request(
+            rid
+        )
 
     def start(self) -> None:
         if self._thread is None:
@@ -144,7 +146,9 @@ class AsyncLLM:
         try:
             self.engine.add_request(request_id, prompt_token_ids, params)
         except ValueError as e:
-            self.deliver(RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=str(e)))
+            self.deliver(
+                RequestOutput(request_id, [], "", finished=True, finish_reason="error", error=str(e))
+            )
 
     def _abort_and_deliver(self, request_id: str) -> None:
         out = self.abort_fn(self.engine, request_id)

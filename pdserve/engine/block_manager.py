@@ -90,7 +90,9 @@ class BlockManager:
             hit.append(block_id)
         return hit
 
-    def can_allocate(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
+    def can_allocate(
+        self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+    ) -> bool:
         computed_blocks = computed_blocks or []
         total = req.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_new_blocks = self.blocks_needed(total) - len(req.block_table) - len(computed_blocks)

@@ -74,9 +74,13 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         if kv_cache_factory is not None:
-            self.kv_caches = kv_cache_factory(self.arch, num_blocks, cache.block_size, self.dtype, self.device)
+            self.kv_caches = kv_cache_factory(
+                self.arch, num_blocks, cache.block_size, self.dtype, self.device
+            )
         else:
-            self.kv_caches = allocate_kv_caches(self.arch, num_blocks, cache.block_size, self.dtype, self.device)
+            self.kv_caches = allocate_kv_caches(
+                self.arch, num_blocks, cache.block_size, self.dtype, self.device
+            )
         self.runner = ModelRunner(
             loaded.model,
             self.arch,
@@ -118,7 +122,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         max_tokens = self.validate(prompt_token_ids, params)
-        req = Request(request_id, prompt_token_ids, params, max_tokens, make_generator(params.seed, self.device))
+        req = Request(
+            request_id, prompt_token_ids, params, max_tokens, make_generator(params.seed, self.device)
+        )
         self.scheduler.add(req)
         if self.tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
@@ -140,10 +146,14 @@ class LLMEngine:
 
     # ---- remote prefill ----
 
-    def reserve_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request | None:
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request | None:
         """Decode side: hold blocks for the prompt so a prefill worker can fill them. None if short of memory."""
         max_tokens = self.validate(prompt_token_ids, params)
-        req = Request(request_id, prompt_token_ids, params, max_tokens, make_generator(params.seed, self.device))
+        req = Request(
+            request_id, prompt_token_ids, params, max_tokens, make_generator(params.seed, self.device)
+        )
         if not self.scheduler.reserve(req):
             return None
         if self.tokenizer is not None:
@@ -180,7 +190,9 @@ class LLMEngine:
 
         params = replace(SamplingParams(**job.params), max_tokens=1, min_tokens=0, n=1)
         self.validate(job.prompt_token_ids, params)
-        req = Request(job.request_id, job.prompt_token_ids, params, 1, make_generator(params.seed, self.device))
+        req = Request(
+            job.request_id, job.prompt_token_ids, params, 1, make_generator(params.seed, self.device)
+        )
         req.kv_job = job
         self.scheduler.add(req)
 

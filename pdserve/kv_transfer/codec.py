@@ -77,5 +77,5 @@ def wire_nbytes(shape: tuple[int, ...], wire_dtype: str, cache_dtype: torch.dtyp
     return n * (2 if wire_dtype == "bfloat16" else 1)
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data)

@@ -45,6 +45,7 @@ class ShmKVCache:
         name = f"{SHM_PREFIX}{tag or os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes * layout.num_layers)
         self.name = self.shm.name
+        assert self.shm.buf is not None
         self.tensors = _views(self.shm.buf, layout, num_blocks)
 
     def close(self) -> None:
@@ -61,6 +62,7 @@ def attach(name: str, layout: KVLayout) -> tuple[shared_memory.SharedMemory, lis
     shm = shared_memory.SharedMemory(name=name, create=False)
     # The attaching side must never unlink the owner's segment at exit (Python < 3.13 would).
     resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    assert shm.buf is not None
     return shm, _views(shm.buf, layout, _num_blocks(shm.size, layout))
 
 

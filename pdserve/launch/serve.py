@@ -20,7 +20,17 @@ from pdserve.launch.local import LocalDeployment, free_port
 logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 300.0
-_PER_WORKER = ("role", "worker_id", "host", "port", "kv_port", "router_url", "cpus", "shm_tag", "kv_transport")
+_PER_WORKER = (
+    "role",
+    "worker_id",
+    "host",
+    "port",
+    "kv_port",
+    "router_url",
+    "cpus",
+    "shm_tag",
+    "kv_transport",
+)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -28,7 +38,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def serve_deployment(
-    args: argparse.Namespace, engine_cfg: EngineConfig, server_cfg: ServerConfig, worker_defaults: WorkerConfig
+    args: argparse.Namespace,
+    engine_cfg: EngineConfig,
+    server_cfg: ServerConfig,
+    worker_defaults: WorkerConfig,
 ) -> None:
     from pdserve.cli import engine_argv
 
@@ -66,7 +79,11 @@ def serve_deployment(
 
 
 async def _serve_router(
-    deployment: LocalDeployment, engine_cfg: EngineConfig, server_cfg: ServerConfig, secret: bytes, routing: str
+    deployment: LocalDeployment,
+    engine_cfg: EngineConfig,
+    server_cfg: ServerConfig,
+    secret: bytes,
+    routing: str,
 ) -> None:
     import uvicorn
 

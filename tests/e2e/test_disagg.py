@@ -29,13 +29,21 @@ TOPICS = ["rivers", "mountains", "libraries", "bridges", "orchards", "harbours",
 
 
 def long_prompt(tok: object, topic: str, words: int = 60) -> list[int]:
-    text = f"Notes on {topic}. " + " ".join(f"{topic} item {i} is described here in detail." for i in range(words))
+    text = f"Notes on {topic}. " + " ".join(
+        f"{topic} item {i} is described here in detail." for i in range(words)
+    )
     ids: list[int] = tok.encode(text)  # type: ignore[attr-defined]
     return ids
 
 
 def complete(dep: Deployment, prompt: list[int], max_tokens: int = NEW_TOKENS) -> str:
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     resp = dep.http.post("/v1/completions", json=body)
     assert resp.status_code == 200, resp.text
     return str(resp.json()["choices"][0]["text"])
@@ -49,7 +57,9 @@ def expected(hf: PreTrainedModel, loaded: LoadedModel, prompt: list[int], n: int
 @pytest.fixture(scope="module")
 def shm_dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     before = shm_segments()
-    with deployment(tmp_path_factory.mktemp("shm"), "--prefill", "1", "--decode", "1", "--transport", "shm", *FLAGS) as dep:
+    with deployment(
+        tmp_path_factory.mktemp("shm"), "--prefill", "1", "--decode", "1", "--transport", "shm", *FLAGS
+    ) as dep:
         yield dep
     assert shm_segments() == before, "shared-memory segments left behind"
 
@@ -61,19 +71,29 @@ def test_remote_prefill_matches_transformers_and_moves_the_whole_kv(
     m0 = shm_dep.metrics()
     text = complete(shm_dep, prompt)
     m1 = shm_dep.metrics()
-    assert metric(m1, "pdserve_disagg_decisions_total", 'path="remote"') == metric(m0, "pdserve_disagg_decisions_total", 'path="remote"') + 1
+    assert (
+        metric(m1, "pdserve_disagg_decisions_total", 'path="remote"')
+        == metric(m0, "pdserve_disagg_decisions_total", 'path="remote"') + 1
+    )
     moved = metric(m1, "pdserve_kv_transfer_bytes_total") - metric(m0, "pdserve_kv_transfer_bytes_total")
     assert moved == len(prompt) * KV_BYTES_PER_TOKEN
-    assert metric(m1, "pdserve_kv_transfer_seconds_count") == metric(m0, "pdserve_kv_transfer_seconds_count") + 1
+    assert (
+        metric(m1, "pdserve_kv_transfer_seconds_count") == metric(m0, "pdserve_kv_transfer_seconds_count") + 1
+    )
     assert text == expected(smollm2_hf, smollm2, prompt)
 
 
-def test_short_prompt_is_prefilled_locally(shm_dep: Deployment, smollm2: LoadedModel, smollm2_hf: PreTrainedModel) -> None:
+def test_short_prompt_is_prefilled_locally(
+    shm_dep: Deployment, smollm2: LoadedModel, smollm2_hf: PreTrainedModel
+) -> None:
     prompt = smollm2.tokenizer.encode("The three primary colours are")  # type: ignore[union-attr]
     m0 = shm_dep.metrics()
     text = complete(shm_dep, prompt)
     m1 = shm_dep.metrics()
-    assert metric(m1, "pdserve_disagg_decisions_total", 'path="local"') == metric(m0, "pdserve_disagg_decisions_total", 'path="local"') + 1
+    assert (
+        metric(m1, "pdserve_disagg_decisions_total", 'path="local"')
+        == metric(m0, "pdserve_disagg_decisions_total", 'path="local"') + 1
+    )
     assert metric(m1, "pdserve_kv_transfer_bytes_total") == metric(m0, "pdserve_kv_transfer_bytes_total")
     assert text == expected(smollm2_hf, smollm2, prompt)
 
@@ -87,15 +107,32 @@ def test_prefix_cached_on_decode_skips_remote_prefill(
     m0 = shm_dep.metrics()
     text = complete(shm_dep, follow_up)
     m1 = shm_dep.metrics()
-    assert metric(m1, "pdserve_disagg_decisions_total", 'path="remote"') == metric(m0, "pdserve_disagg_decisions_total", 'path="remote"')
-    assert metric(m1, "pdserve_disagg_decisions_total", 'path="local"') == metric(m0, "pdserve_disagg_decisions_total", 'path="local"') + 1
+    assert metric(m1, "pdserve_disagg_decisions_total", 'path="remote"') == metric(
+        m0, "pdserve_disagg_decisions_total", 'path="remote"'
+    )
+    assert (
+        metric(m1, "pdserve_disagg_decisions_total", 'path="local"')
+        == metric(m0, "pdserve_disagg_decisions_total", 'path="local"') + 1
+    )
     assert text == expected(smollm2_hf, smollm2, follow_up)
 
 
-def _stream_then_close(dep: Deployment, prompt: list[int], *, after_s: float | None = None, after_chunks: int | None = None) -> None:
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+def _stream_then_close(
+    dep: Deployment, prompt: list[int], *, after_s: float | None = None, after_chunks: int | None = None
+) -> None:
+    body = {
+        "model": "smollm2",
+        "prompt": prompt,
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     t0 = time.monotonic()
-    with httpx.Client(base_url=dep.url, timeout=60) as client, client.stream("POST", "/v1/completions", json=body) as resp:
+    with (
+        httpx.Client(base_url=dep.url, timeout=60) as client,
+        client.stream("POST", "/v1/completions", json=body) as resp,
+    ):
         assert resp.status_code == 200, resp.read()
         chunks = 0
         for line in resp.iter_lines():
@@ -108,7 +145,9 @@ def _stream_then_close(dep: Deployment, prompt: list[int], *, after_s: float | N
     # Leaving the block closes the connection: the client is gone.
 
 
-def test_aborts_mid_prefill_and_mid_decode_free_every_block(shm_dep: Deployment, smollm2: LoadedModel) -> None:
+def test_aborts_mid_prefill_and_mid_decode_free_every_block(
+    shm_dep: Deployment, smollm2: LoadedModel
+) -> None:
     shm_dep.wait_idle()
     _stream_then_close(shm_dep, long_prompt(smollm2.tokenizer, "orchards", 120), after_s=0.05)  # mid-prefill
     shm_dep.wait_idle()
@@ -122,7 +161,9 @@ def tcp_dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Slow every KV chunk down (fault injection) so the transfer window is wide enough to hit.
     os.environ["PDSERVE_FAULT_KV_DELAY_S"] = "0.03"
     try:
-        with deployment(tmp_path_factory.mktemp("tcp"), "--prefill", "1", "--decode", "1", "--transport", "tcp", *FLAGS) as dep:
+        with deployment(
+            tmp_path_factory.mktemp("tcp"), "--prefill", "1", "--decode", "1", "--transport", "tcp", *FLAGS
+        ) as dep:
             yield dep
     finally:
         del os.environ["PDSERVE_FAULT_KV_DELAY_S"]
@@ -133,7 +174,10 @@ def test_tcp_remote_prefill(tcp_dep: Deployment, smollm2: LoadedModel, smollm2_h
     m0 = tcp_dep.metrics()
     text = complete(tcp_dep, prompt)
     m1 = tcp_dep.metrics()
-    assert metric(m1, "pdserve_kv_transfer_bytes_total") - metric(m0, "pdserve_kv_transfer_bytes_total") == len(prompt) * KV_BYTES_PER_TOKEN
+    assert (
+        metric(m1, "pdserve_kv_transfer_bytes_total") - metric(m0, "pdserve_kv_transfer_bytes_total")
+        == len(prompt) * KV_BYTES_PER_TOKEN
+    )
     assert text == expected(smollm2_hf, smollm2, prompt)
 
 

@@ -87,10 +87,14 @@ def test_block_accounting_after_finished_stopped_and_aborted(tiny_dirs: dict[str
     prompts = random_prompts([10, 14, 6, 21, 9], 300, seed=6)
     ref = reference(tiny_dirs["llama"], prompts[1:2])[0]
     engine.add_request("length", prompts[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
-    engine.add_request("stop", prompts[1], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[ref[3]]))
+    engine.add_request(
+        "stop", prompts[1], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[ref[3]])
+    )
     engine.add_request("abort-running", prompts[2], SamplingParams(temperature=0, max_tokens=30))
     engine.add_request("abort-waiting", prompts[3], SamplingParams(temperature=0.8, seed=1, max_tokens=30))
-    engine.add_request("sampled", prompts[4], SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=12))
+    engine.add_request(
+        "sampled", prompts[4], SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    )
     finish: dict[str, str | None] = {}
     steps = 0
     while engine.has_unfinished():
@@ -117,7 +121,9 @@ def test_seeded_sampling_is_reproducible(tiny_dirs: dict[str, Path]) -> None:
     assert a[0].token_ids != a[1].token_ids  # n samples use seed, seed+1
 
 
-def test_smollm2_batch_with_chunked_prefill_matches_transformers(smollm2: LoadedModel, smollm2_hf: torch.nn.Module) -> None:
+def test_smollm2_batch_with_chunked_prefill_matches_transformers(
+    smollm2: LoadedModel, smollm2_hf: torch.nn.Module
+) -> None:
     tok = smollm2.tokenizer
     assert tok is not None
     questions = [
@@ -126,7 +132,11 @@ def test_smollm2_batch_with_chunked_prefill_matches_transformers(smollm2: Loaded
         "Explain photosynthesis in two sentences for a ten-year-old who loves plants and gardens.",
     ]
     prompts = [
-        list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         for q in questions
     ]
     llm = LLM("smollm2", loaded=smollm2, max_num_batched_tokens=24, num_blocks=128)

@@ -67,7 +67,7 @@ def pair(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 
 def test_push_layer_by_layer_lands_in_reserved_blocks(pair) -> None:  # type: ignore[no-untyped-def]
-    transport, rx, tx, sink, caches, _ = pair
+    _, rx, tx, sink, caches, _ = pair
     blocks, skip, n = [5, 2, 9, 11, 3], 4, 18
     kv = torch.randn(LAYOUT.num_layers, 2, n, 2, 8)  # the prefill side's KV for positions [0, n)
     rx.expect("r1", blocks, skip)
@@ -98,7 +98,7 @@ def test_missing_layers_fail_the_transfer(pair) -> None:  # type: ignore[no-unty
 
 
 def test_unexpected_request_is_refused_and_sender_told(pair) -> None:  # type: ignore[no-untyped-def]
-    transport, rx, tx, sink, caches, _ = pair
+    transport, rx, tx, _, caches, _ = pair
     if transport == "shm":
         pytest.skip("shm writes before the header: the decode side never cancels a live shm reservation")
     aborted: list[str] = []

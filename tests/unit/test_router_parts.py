@@ -74,7 +74,9 @@ def test_kv_aware_prefers_overlap_unless_overloaded() -> None:
 
 
 def test_disagg_decision() -> None:
-    policy = DisaggPolicy(threshold_tokens=256, max_queue_per_prefill_worker=4, link_bytes_per_s=4e9, kv_bytes_per_token=46080)
+    policy = DisaggPolicy(
+        threshold_tokens=256, max_queue_per_prefill_worker=4, link_bytes_per_s=4e9, kv_bytes_per_token=46080
+    )
     assert not choose_prefill_path(100, 0, 1, 1500.0, policy).remote  # short
     assert choose_prefill_path(1800, 0, 1, 1500.0, policy).remote
     assert not choose_prefill_path(1800, 4, 1, 1500.0, policy).remote  # queue saturated

@@ -1,0 +1,141 @@
+"""Disaggregated (1 prefill + 1 decode, one core each) against co-located (one worker on both cores,
+chunked prefill) on a bimodal workload, same requests, same run.
+
+    .venv/bin/python benchmarks/bimodal_cpu.py --rates 0.3 0.5 0.7 --num-requests 60 --out results/bimodal
+
+Workload: 80% prompts of 50-200 tokens, 20% of 1,500-2,000; 64-128 output tokens; Poisson arrivals.
+Both deployments serve SmolLM2-135M-Instruct (fp32) behind the same router; the router process is
+unpinned in both. Reports TTFT / ITL percentiles, SLO attainment per rate and goodput, with plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pdserve.bench.client import RequestResult, run
+from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, summarize
+from pdserve.bench.workload import LengthSampler, synthetic
+
+CONFIGS = {
+    "colocated": ["--prefill", "0", "--decode", "0", "--colocated", "1", "--pin-cpus"],
+    "1P1D": ["--prefill", "1", "--decode", "1", "--transport", "shm", "--pin-cpus"],
+}
+VOCAB = 49152
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, flags: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
+        self.log = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not come up")
+            time.sleep(0.5)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self.log.close()
+
+
+def decisions(metrics_text: str) -> dict[str, float]:
+    out = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("pdserve_disagg_decisions_total{"):
+            label = line.split('path="')[1].split('"')[0]
+            out[label] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.5], help="Poisson rates to run (req/s)")
+    ap.add_argument("--num-requests", type=int, default=60)
+    ap.add_argument("--slo-ttft-s", type=float, default=4.0)
+    ap.add_argument("--slo-tpot-s", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--out", type=Path, default=Path("results/bimodal"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    slo = SLO(args.slo_ttft_s, args.slo_tpot_s)
+    sampler = LengthSampler("bimodal")
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d"),
+        "workload": "bimodal: 80% 50-200 / 20% 1500-2000 prompt tokens, 64-128 output tokens, Poisson",
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "runs": {},
+    }
+    curves: dict[str, list[tuple[float, float]]] = {c: [] for c in args.configs}
+    for cfg in args.configs:
+        server = Server(CONFIGS[cfg], args.out / f"{cfg}.log")
+        try:
+            warm = synthetic(LengthSampler("fixed", prompt_len=64, output_len=4), 2, None, VOCAB, seed=99)
+            asyncio.run(run(server.url, warm, "smollm2"))
+            for rate in args.rates:
+                specs = synthetic(sampler, args.num_requests, rate, VOCAB, seed=args.seed, max_model_len=2048)
+                before = decisions(server.metrics())
+                results: list[RequestResult] = asyncio.run(run(server.url, specs, "smollm2", progress=True))
+                after = decisions(server.metrics())
+                summary = summarize(results, slo)
+                summary["prefill_paths"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                report["runs"][f"{cfg}@{rate}"] = summary
+                curves[cfg].append((rate, summary["slo_attainment"]))
+                (args.out / f"{cfg}@{rate}.requests.json").write_text(
+                    json.dumps([r.__dict__ for r in results])
+                )
+                print(f"{cfg} @ {rate} req/s: " + json.dumps({k: summary[k] for k in ("ttft_s", "itl_s", "slo_attainment")}))
+        finally:
+            server.stop()
+    for cfg in args.configs:
+        report[f"goodput_{cfg}"] = goodput(curves[cfg])
+    for rate in args.rates:
+        runs = {cfg: [RequestResult(**r) for r in json.loads((args.out / f"{cfg}@{rate}.requests.json").read_text())] for cfg in args.configs}
+        plot_cdfs(runs, args.out / f"cdf@{rate}.png")
+        if set(args.configs) == set(CONFIGS):
+            co, dis = report["runs"][f"colocated@{rate}"], report["runs"][f"1P1D@{rate}"]
+            report[f"ratios@{rate}"] = {
+                f"{m}_{q}": dis[m][q] / co[m][q] for m in ("ttft_s", "itl_s") for q in ("p50", "p99")
+            }
+    if len(args.rates) > 1:
+        plot_attainment(curves, args.out / "attainment.png")
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

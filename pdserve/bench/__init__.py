@@ -1,0 +1,1 @@
+"""Load generation and latency reporting against any OpenAI-compatible endpoint."""

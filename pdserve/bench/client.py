@@ -1,0 +1,124 @@
+"""Async load generator against any OpenAI-compatible `/v1/completions` endpoint (streaming).
+
+Each request streams; the client stamps the first token and every later chunk, so TTFT, TPOT and
+inter-token latency come from what a user would see. Prompts are sent as token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from pdserve.bench.workload import RequestSpec
+
+
+@dataclass
+class RequestResult:
+    index: int
+    prompt_len: int
+    output_len: int  # requested
+    start: float  # seconds since the run started
+    ttft_s: float | None = None
+    chunk_times: list[float] = field(default_factory=list)  # seconds since this request's start
+    e2e_s: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.ttft_s is not None and self.e2e_s is not None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if not self.ok or self.output_tokens < 2:
+            return None
+        assert self.e2e_s is not None and self.ttft_s is not None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    @property
+    def itls_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+
+async def _one(
+    client: httpx.AsyncClient, model: str, spec: RequestSpec, t0: float, extra: dict[str, object]
+) -> RequestResult:
+    start = time.monotonic()
+    res = RequestResult(spec.index, len(spec.prompt), spec.output_len, start - t0)
+    body = {
+        "model": model, "prompt": spec.prompt, "max_tokens": spec.output_len, "temperature": 0.0,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, **extra,
+    }  # fmt: skip
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.monotonic() - start
+                data = json.loads(line[6:])
+                if "error" in data:
+                    res.error = str(data["error"])
+                    return res
+                if data.get("choices"):
+                    if res.ttft_s is None:
+                        res.ttft_s = now
+                    res.chunk_times.append(now)
+                if data.get("usage"):
+                    res.output_tokens = int(data["usage"]["completion_tokens"])
+        res.e2e_s = time.monotonic() - start
+        if res.output_tokens == 0:
+            res.output_tokens = len(res.chunk_times)
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def run(
+    base_url: str,
+    specs: list[RequestSpec],
+    model: str,
+    concurrency: int | None = None,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    extra_body: dict[str, object] | None = None,
+    progress: bool = False,
+) -> list[RequestResult]:
+    """Send every request at its arrival time (or keep `concurrency` in flight) and wait for all."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), desc="requests", unit="req")
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=timeout_s, limits=limits
+    ) as client:
+        t0 = time.monotonic()
+
+        async def launch(spec: RequestSpec) -> RequestResult:
+            delay = spec.arrival_s - (time.monotonic() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if sem is None:
+                res = await _one(client, model, spec, t0, extra_body or {})
+            else:
+                async with sem:
+                    res = await _one(client, model, spec, t0, extra_body or {})
+            if bar is not None:
+                bar.update(1)
+            return res
+
+        results = await asyncio.gather(*(launch(s) for s in specs))
+    if bar is not None:
+        bar.close()
+    return list(results)

@@ -1,0 +1,123 @@
+"""Latency statistics, SLO attainment and goodput, JSON and plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.client import RequestResult
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]; NaN for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "mean": sum(values) / len(values) if values else math.nan,
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else math.nan,
+        "count": float(len(values)),
+    }
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float
+    tpot_s: float
+
+    def met(self, r: RequestResult) -> bool:
+        """DistServe's criterion: both the TTFT and the TPOT target, per request."""
+        tpot = r.tpot_s
+        return (
+            r.ok
+            and r.ttft_s is not None
+            and r.ttft_s <= self.ttft_s
+            and (tpot is None or tpot <= self.tpot_s)
+        )
+
+
+def summarize(results: list[RequestResult], slo: SLO | None = None) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    span = max((r.start + (r.e2e_s or 0.0) for r in ok), default=0.0) - min(
+        (r.start for r in ok), default=0.0
+    )
+    out: dict[str, Any] = {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "duration_s": span,
+        "throughput_req_s": len(ok) / span if span > 0 else math.nan,
+        "output_tok_s": sum(r.output_tokens for r in ok) / span if span > 0 else math.nan,
+        "ttft_s": stats([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "tpot_s": stats([t for r in ok if (t := r.tpot_s) is not None]),
+        "itl_s": stats([x for r in ok for x in r.itls_s]),
+        "e2e_s": stats([r.e2e_s for r in ok if r.e2e_s is not None]),
+    }
+    if slo is not None:
+        out["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}
+        out["slo_attainment"] = sum(slo.met(r) for r in results) / len(results) if results else math.nan
+    return out
+
+
+def goodput(points: Sequence[tuple[float, float]], target: float = 0.9) -> float:
+    """The highest request rate whose SLO attainment is >= target (0 if none), from a rate sweep
+    of (rate, attainment) points."""
+    passing = [rate for rate, attained in points if attained >= target]
+    return max(passing, default=0.0)
+
+
+def plot_cdfs(runs: dict[str, list[RequestResult]], path: Path) -> None:
+    """TTFT and inter-token latency CDFs, one line per labelled run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, results in runs.items():
+        ok = [r for r in results if r.ok]
+        for ax, values in (
+            (axes[0], sorted(r.ttft_s for r in ok if r.ttft_s is not None)),
+            (axes[1], sorted(x for r in ok for x in r.itls_s)),
+        ):
+            if values:
+                ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
+    axes[0].set(xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT CDF")
+    axes[1].set(xlabel="inter-token latency (s)", ylabel="fraction of tokens", title="ITL CDF", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attainment(curves: dict[str, list[tuple[float, float]]], path: Path, target: float = 0.9) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    ax.set(
+        xlabel="request rate (req/s)", ylabel="SLO attainment", ylim=(0, 1.05), title="SLO attainment vs rate"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
