@@ -46,7 +46,17 @@ class Server:
     def __init__(self, flags: list[str], log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *flags,
+        ]
         self.log = open(log, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
@@ -118,13 +128,21 @@ def main() -> None:
                 (args.out / f"{cfg}@{rate}.requests.json").write_text(
                     json.dumps([r.__dict__ for r in results])
                 )
-                print(f"{cfg} @ {rate} req/s: " + json.dumps({k: summary[k] for k in ("ttft_s", "itl_s", "slo_attainment")}))
+                print(
+                    f"{cfg} @ {rate} req/s: "
+                    + json.dumps({k: summary[k] for k in ("ttft_s", "itl_s", "slo_attainment")})
+                )
         finally:
             server.stop()
     for cfg in args.configs:
         report[f"goodput_{cfg}"] = goodput(curves[cfg])
     for rate in args.rates:
-        runs = {cfg: [RequestResult(**r) for r in json.loads((args.out / f"{cfg}@{rate}.requests.json").read_text())] for cfg in args.configs}
+        runs = {
+            cfg: [
+                RequestResult(**r) for r in json.loads((args.out / f"{cfg}@{rate}.requests.json").read_text())
+            ]
+            for cfg in args.configs
+        }
         plot_cdfs(runs, args.out / f"cdf@{rate}.png")
         if set(args.configs) == set(CONFIGS):
             co, dis = report["runs"][f"colocated@{rate}"], report["runs"][f"1P1D@{rate}"]

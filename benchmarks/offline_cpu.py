@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/offline_cpu.py --num-prompts 32 --max-tokens 128
 
 Both generate exactly --max-tokens greedy tokens per prompt (EOS ignored) from SmolLM2-135M-Instruct
-in float32. transformers gets the whole batch at once (left-padded), its fastest batched form on CPU.
+in float32 (or --dtype bfloat16 for both). transformers gets the whole batch at once (left-padded), its fastest batched form on CPU.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def make_prompts(tokenizer: object, n: int, seed: int) -> list[list[int]]:
         detail = " ".join(rng.choice(TOPICS) for _ in range(rng.randint(0, 12)))
         text = f"Explain {TOPICS[i % len(TOPICS)]} to a curious student. Mention {detail}."
         messages = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)  # type: ignore[attr-defined]
-        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) else ids))
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )  # type: ignore[attr-defined]
+        prompts.append(list(ids))
     return prompts
 
 
@@ -73,15 +75,25 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per system (best is kept)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="both systems run in it"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
 
-    loaded = load_model(ModelConfig(model="smollm2"))
+    dtype = getattr(torch, args.dtype)
+    loaded = load_model(ModelConfig(model="smollm2", dtype=args.dtype))
     tokenizer = loaded.tokenizer
     prompts = make_prompts(tokenizer, args.num_prompts, args.seed)
     path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    llm = LLM("smollm2", loaded=loaded, max_num_seqs=max(args.num_prompts, 1), max_num_batched_tokens=4096)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    llm = LLM(
+        "smollm2",
+        loaded=loaded,
+        dtype=args.dtype,
+        max_num_seqs=max(args.num_prompts, 1),
+        max_num_batched_tokens=4096,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # type: ignore[union-attr]
 
     # Warm both up (allocator, thread pools) on a small batch.
@@ -99,6 +111,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "dtype": args.dtype,
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
         "prompt_tokens": sum(len(p) for p in prompts),

@@ -62,20 +62,24 @@ class TorchRefBackend(AttentionBackend):
         # One query per sequence: gather every sequence's blocks at once, mask the padding.
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads, block_size = kv_cache.shape[-2], kv_cache.shape[2]
-        max_len = max(meta.seq_lens)
-        max_blocks = (max_len + block_size - 1) // block_size
-        table = meta.block_tables[:, :max_blocks]
-        keys = kv_cache[0, table].flatten(1, 2).to(q.dtype)  # [B, L, H_kv, D]
-        values = kv_cache[1, table].flatten(1, 2).to(q.dtype)  # [B, L, H_kv, D]
-        group = num_heads // num_kv_heads
-        qg = q.view(num_seqs, num_kv_heads, group, head_dim)  # [B, H_kv, G, D]
-        scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale  # [B, H_kv, G, L]
-        pos = torch.arange(keys.shape[1], device=q.device)
-        pad = pos[None, :] >= meta.seq_lens_tensor[:, None]  # [B, L]
-        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.einsum("bhgl,blhd->bhgd", probs, values)  # [B, H_kv, G, D]
-        return out.reshape(num_seqs, num_heads, head_dim)
+        max_blocks = (max(meta.seq_lens) + block_size - 1) // block_size
+        table = meta.block_tables[:, :max_blocks].reshape(-1)  # [B * max_blocks]
+        length = max_blocks * block_size
+        # index_select on the block dim is one contiguous copy per block; SDPA takes the
+        # transposed (strided) views as they are.
+        keys = kv_cache[0].index_select(0, table).view(num_seqs, length, num_kv_heads, head_dim)
+        values = kv_cache[1].index_select(0, table).view(num_seqs, length, num_kv_heads, head_dim)
+        pos = torch.arange(length, device=q.device)
+        valid = pos[None, :] < meta.seq_lens_tensor[:, None]  # [B, L]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, D]
+            keys.transpose(1, 2).to(q.dtype),  # [B, H_kv, L, D]
+            values.transpose(1, 2).to(q.dtype),
+            attn_mask=valid[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )  # [B, H, 1, D]
+        return out.squeeze(2)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
