@@ -60,7 +60,7 @@ class TorchRefBackend(AttentionBackend):
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         # One query per sequence: gather every sequence's blocks at once, mask the padding.
-        num_seqs, num_heads, head_dim = q.shape
+        num_seqs, _, head_dim = q.shape
         num_kv_heads, block_size = kv_cache.shape[-2], kv_cache.shape[2]
         max_blocks = (max(meta.seq_lens) + block_size - 1) // block_size
         table = meta.block_tables[:, :max_blocks].reshape(-1)  # [B * max_blocks]
