@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 
 def secret() -> bytes:
@@ -29,3 +30,9 @@ def fault_kv_delay_s() -> float:
     """PDSERVE_FAULT_KV_DELAY_S: fault injection for tests and drills; the prefill side sleeps this
     long before each KV chunk it sends, widening the transfer window (default 0)."""
     return float(os.environ.get("PDSERVE_FAULT_KV_DELAY_S", "0") or 0)
+
+
+def cache_dir() -> Path:
+    """PDSERVE_CACHE_DIR: where derived files are kept between runs, e.g. tokenizers rebuilt from
+    GGUF metadata (default ~/.cache/pdserve)."""
+    return Path(os.environ.get("PDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pdserve")

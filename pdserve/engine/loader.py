@@ -3,8 +3,11 @@ a Hugging Face directory (config.json + safetensors), or `dummy:<shape>` (random
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pdserve import envs
 from pdserve.config import ModelConfig
 from pdserve.engine.model import CausalLM, ModelArch, build_model
 from pdserve.engine.shapes import get_shape
@@ -286,12 +290,26 @@ def _unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _gguf_tokenizer(reader: Any, path: Path) -> PreTrainedTokenizerBase | None:
-    """The tokenizer transformers rebuilds from GGUF metadata, with the file's chat template."""
+    """The tokenizer transformers rebuilds from GGUF metadata, with the file's chat template.
+
+    Rebuilding takes seconds (transformers parses the whole file again), and every worker and the
+    router need it at start-up, so the result is saved once per GGUF file in the cache directory."""
     if reader.get_field("tokenizer.ggml.model") is None:
         return None
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = envs.cache_dir() / "tokenizers" / f"{path.stem}-{key}"
+    if (cached / "tokenizer_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return _tokenizer_from_dir(cached)
     tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if not tokenizer.chat_template:
         tokenizer.chat_template = _gguf_field(reader, "tokenizer.chat_template")
+    with contextlib.suppress(OSError):
+        # Write to a fresh folder and rename it into place: concurrent workers never see half a save.
+        tmp = cached.parent / f".{cached.name}.{os.getpid()}"
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(cached)
     return tokenizer
 
 
