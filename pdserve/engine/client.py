@@ -20,6 +20,8 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_hit_tokens: int = 0
     prefix_cache_query_tokens: int = 0
+    # KV usage (0..1) per worker, when the client fronts several; None for a single engine.
+    worker_kv_usage: dict[str, float] | None = None
 
     @property
     def kv_cache_usage(self) -> float:

@@ -171,6 +171,10 @@ class DisaggClient:
             num_total_blocks=sum(x.num_total_blocks for x in loads),
             num_preemptions=sum(x.num_preemptions for x in loads),
             prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in loads),
+            worker_kv_usage={
+                wid: 1 - load.num_free_blocks / max(load.num_total_blocks, 1)
+                for wid, load in self.worker_loads().items()
+            },
         )
 
     def worker_loads(self) -> dict[str, WorkerLoad]:

@@ -31,20 +31,11 @@ class _PoolCollector(Collector):
             "remote-prefill jobs held by prefill workers",
             value=c.queue.in_flight,
         )
-        usage = GaugeMetricFamily(
-            "pdserve_worker_kv_cache_usage_ratio",
-            "KV blocks in use per worker (0..1)",
-            labels=["worker", "role"],
-        )
         healthy = GaugeMetricFamily(
             "pdserve_worker_healthy", "1 if the worker answers its health polls", labels=["worker", "role"]
         )
         for w in c.workers.values():
             healthy.add_metric([w.worker_id, w.info.role], 1.0 if w.healthy else 0.0)
-            if w.load is not None:
-                ratio = 1 - w.load.num_free_blocks / max(w.load.num_total_blocks, 1)
-                usage.add_metric([w.worker_id, w.info.role], ratio)
-        yield usage
         yield healthy
 
 

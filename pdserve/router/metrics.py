@@ -50,9 +50,12 @@ class _EngineStatsCollector(Collector):
             return
         yield GaugeMetricFamily("pdserve_num_requests_running", "requests being run", value=s.num_running)
         yield GaugeMetricFamily("pdserve_num_requests_waiting", "requests queued", value=s.num_waiting)
-        yield GaugeMetricFamily(
-            "pdserve_kv_cache_usage_ratio", "fraction of KV blocks in use (0..1)", value=s.kv_cache_usage
+        usage = GaugeMetricFamily(
+            "pdserve_kv_cache_usage_ratio", "fraction of KV blocks in use (0..1)", labels=["worker"]
         )
+        for worker, ratio in (s.worker_kv_usage or {"local": s.kv_cache_usage}).items():
+            usage.add_metric([worker], ratio)
+        yield usage
         yield CounterMetricFamily(
             "pdserve_prefix_cache_hit_tokens",
             "prompt tokens served from the prefix cache",

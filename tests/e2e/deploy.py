@@ -59,9 +59,9 @@ class Deployment:
     def worker_usage(self) -> dict[str, float]:
         usage = {}
         for line in self.metrics().splitlines():
-            m = re.match(r'pdserve_worker_kv_cache_usage_ratio\{role="(\w+)",worker="([\w-]+)"\} (\S+)', line)
+            m = re.match(r'pdserve_kv_cache_usage_ratio\{worker="([\w-]+)"\} (\S+)', line)
             if m:
-                usage[m.group(2)] = float(m.group(3))
+                usage[m.group(1)] = float(m.group(2))
         return usage
 
     def wait_idle(self, timeout_s: float = 20.0) -> dict[str, float]:
