@@ -4,16 +4,15 @@ synthetic GGUF files written from tiny HF models."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import cast
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from pdserve.config import ModelConfig
-from pdserve.engine.loader import LoadedModel, default_model_path, load_model
+from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.model import CausalLM
 from tests.unit.tiny_models import PagedRunner, make_tiny_hf_model
 
@@ -21,28 +20,13 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def ours() -> LoadedModel:
-    return load_model(ModelConfig(model="smollm2", device="cpu", dtype="float32"))
+def ours(smollm2: LoadedModel) -> LoadedModel:
+    return smollm2
 
 
 @pytest.fixture(scope="module")
-def hf() -> PreTrainedModel:
-    path = default_model_path()
-    if importlib.util.find_spec("accelerate") is not None:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    else:
-        # from_pretrained insists on accelerate for GGUF; this is the same dequantize-and-map step
-        # it runs internally, without it.
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-        result = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
-        assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
-        model.tie_weights()
-    model.generation_config.eos_token_id = None  # always NEW_TOKENS ids
-    return model.eval()
+def hf(smollm2_hf: PreTrainedModel) -> PreTrainedModel:
+    return smollm2_hf
 
 
 def _as_hf_names(model: CausalLM) -> dict[str, torch.Tensor]:
