@@ -47,6 +47,12 @@ def cpu_plan(num_workers: int, num_cpus: int) -> list[str]:
     return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i * per) for i in range(num_workers)]
 
 
+def _pdserve_command() -> list[str]:
+    """`pdserve` itself when installed beside this interpreter (so `ps` shows `pdserve worker ...`)."""
+    script = Path(sys.executable).parent / "pdserve"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pdserve.cli"]
+
+
 def _die_with_parent() -> None:
     # Linux: the kernel sends SIGTERM to the worker if the launcher dies, even by SIGKILL.
     with contextlib.suppress(OSError, AttributeError):
@@ -95,7 +101,7 @@ class LocalDeployment:
             counts[role] = counts.get(role, 0) + 1
             port = free_port(self.host)
             cmd = [
-                sys.executable, "-m", "pdserve.cli", "worker", "--role", role,
+                *_pdserve_command(), "worker", "--role", role,
                 "--worker-id", f"{role}-{counts[role] - 1}", "--host", self.host, "--port", str(port),
                 "--kv-transport", self.transport, "--shm-tag", self.tag,
             ]  # fmt: skip
@@ -122,7 +128,7 @@ class LocalDeployment:
                 stderr=subprocess.STDOUT if out else None,
                 preexec_fn=_die_with_parent,
             )
-            logger.info("started %s worker pid %d: %s", w.role, w.proc.pid, " ".join(w.cmd[2:]))
+            logger.info("started %s worker pid %d: %s", w.role, w.proc.pid, " ".join(w.cmd))
 
     def wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
