@@ -56,6 +56,10 @@ CONFIGS = {
         "--pin-cpus",
         "--remote-prefill-threshold",
         "32",
+        # With the prefill queue full, only short prompts come back here; long ones wait for the
+        # prefill worker rather than stall every decode for seconds.
+        "--max-local-prefill-tokens",
+        "256",
     ],
 }
 VOCAB = 49152
@@ -141,8 +145,12 @@ def main() -> None:
         try:
             warm = synthetic(LengthSampler("fixed", prompt_len=64, output_len=4), 2, None, VOCAB, seed=99)
             asyncio.run(run(server.url, warm, "smollm2"))
-            for rate in args.rates:
-                specs = synthetic(sampler, args.num_requests, rate, VOCAB, seed=args.seed, max_model_len=2048)
+            for i, rate in enumerate(args.rates):
+                # Fresh prompts per rate (seeded by position): a later rate must not hit the prefix
+                # cache with an earlier rate's prompts. Both deployments see the same requests.
+                specs = synthetic(
+                    sampler, args.num_requests, rate, VOCAB, seed=args.seed + i, max_model_len=2048
+                )
                 before = decisions(server.metrics())
                 results: list[RequestResult] = asyncio.run(run(server.url, specs, "smollm2", progress=True))
                 after = decisions(server.metrics())

@@ -3,6 +3,9 @@
 pdserve serve    a whole deployment: router + prefill/decode/colocated worker processes
                  (default 1 prefill + 1 decode); --inprocess: one engine inside the server
 pdserve worker   one worker process (the launcher starts these; operators may too)
+pdserve bench    load an OpenAI-compatible server and report TTFT/TPOT/ITL/goodput (bench/cli.py)
+pdserve profile  measure the engine's cost model on this machine (planner/cli.py)
+pdserve plan     should I disaggregate, and with what xPyD? (planner/cli.py)
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pdserve.cli_args import add_dataclass_args, dataclass_from_args, dataclass_to_argv
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig, WorkerConfig
+from pdserve.config import (
+    PER_WORKER_FIELDS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    WorkerConfig,
+)
 
 if TYPE_CHECKING:
     import uvicorn
@@ -25,20 +36,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pdserve.cli")
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-# WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
-_PER_WORKER_FIELDS = (
-    "role",
-    "worker_id",
-    "host",
-    "port",
-    "kv_port",
-    "router_url",
-    "cpus",
-    "shm_tag",
-    "kv_transport",
-)
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +83,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     dep.add_argument(
         "--inprocess", action="store_true", help="no workers: one engine inside the server process"
     )
-    add_dataclass_args(serve.add_argument_group("disaggregation"), WorkerConfig, exclude=_PER_WORKER_FIELDS)
+    add_dataclass_args(serve.add_argument_group("disaggregation"), WorkerConfig, exclude=PER_WORKER_FIELDS)
     # Errors in config values are reported against `pdserve serve`'s own usage line.
     serve.set_defaults(handler=functools.partial(_run_serve, serve))
 
@@ -109,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_parser(subparsers)
     _add_worker_parser(subparsers)
+    from pdserve.bench.cli import add_bench_parser
+    from pdserve.planner.cli import add_plan_parser, add_profile_parser
+
+    add_bench_parser(subparsers)
+    add_profile_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 

@@ -81,12 +81,33 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "torch_ref", "triton")
+KV_TRANSPORTS = ("shm", "tcp", "local", "cuda_ipc")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    attention_backend: str = "torch"
+    attention_backend: str = field(
+        default="auto",
+        metadata=_help("torch (reference) | triton (GPU) | auto (torch on CPU, triton on GPU)"),
+    )
+    enforce_eager: bool = field(
+        default=False, metadata=_help("never use CUDA graphs for decode steps (GPU, triton backend)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be {'|'.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.model.resolved_device().type == "cuda" else "torch"
 
 
 @dataclass(frozen=True)
@@ -104,13 +125,30 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
 
 
+# WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
+PER_WORKER_FIELDS = (
+    "role",
+    "worker_id",
+    "host",
+    "port",
+    "kv_port",
+    "router_url",
+    "cpus",
+    "shm_tag",
+    "kv_transport",
+)
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     role: str = field(default="colocated", metadata=_help("prefill | decode | colocated"))
     worker_id: str = field(default="", metadata=_help("name in logs and metrics (default: role-port)"))
     host: str = field(default="127.0.0.1", metadata=_help("internal API bind address"))
     port: int = field(default=0, metadata=_help("internal API port (0: any free port)"))
-    kv_transport: str = field(default="tcp", metadata=_help("KV transfer: shm (same host) | tcp | local"))
+    kv_transport: str = field(
+        default="tcp",
+        metadata=_help("KV transfer: shm (same host, CPU) | cuda_ipc (same host, GPU) | tcp | local"),
+    )
     kv_port: int = field(default=0, metadata=_help("KV channel port of a decode worker (0: any free port)"))
     kv_wire_dtype: str = field(
         default="native", metadata=_help("KV on the wire (tcp): native | bfloat16 | fp8")
@@ -126,6 +164,12 @@ class WorkerConfig:
     max_queue_per_prefill_worker: int = field(
         default=4, metadata=_help("prefill queue depth per prefill worker at which decode prefills locally")
     )
+    max_local_prefill_tokens: int = field(
+        default=1024,
+        metadata=_help(
+            "with the prefill queue saturated, the longest prompt a decode worker prefills itself"
+        ),
+    )
     link_gbps: float = field(default=4.0, metadata=_help("KV link bandwidth estimate, GB/s (decision only)"))
     prefill_tokens_per_s: float = field(
         default=1500.0, metadata=_help("local prefill speed estimate before measurements (decision only)")
@@ -136,12 +180,14 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):
             raise ValueError(f"role must be prefill|decode|colocated, got {self.role!r}")
-        if self.kv_transport not in ("shm", "tcp", "local"):
-            raise ValueError(f"kv_transport must be shm|tcp|local, got {self.kv_transport!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be {'|'.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         if self.kv_wire_dtype not in ("native", "bfloat16", "fp8"):
             raise ValueError(f"kv_wire_dtype must be native|bfloat16|fp8, got {self.kv_wire_dtype!r}")
-        if self.kv_transport == "shm" and self.kv_wire_dtype != "native":
-            raise ValueError("kv_wire_dtype applies to tcp only: shm writes the cache dtype in place")
+        if self.kv_transport in ("shm", "cuda_ipc") and self.kv_wire_dtype != "native":
+            raise ValueError(
+                f"kv_wire_dtype applies to tcp only: {self.kv_transport} writes the cache dtype in place"
+            )
         if self.kv_timeout_s <= 0:
             raise ValueError(f"kv_timeout_s must be > 0, got {self.kv_timeout_s}")
         if self.kv_layers_per_chunk < 1:

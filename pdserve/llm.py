@@ -26,7 +26,7 @@ def _split_kwargs(kwargs: dict[str, Any]) -> EngineConfig:
     """Route flat keyword arguments (block_size=..., max_num_seqs=...) to their config dataclass."""
     parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}}
     owners = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
-    backend = kwargs.pop("attention_backend", "torch")
+    engine_kwargs = {k: kwargs.pop(k) for k in ("attention_backend", "enforce_eager") if k in kwargs}
     for key, value in kwargs.items():
         for part, cls in owners.items():
             if key in {f.name for f in dataclasses.fields(cls)}:
@@ -38,7 +38,7 @@ def _split_kwargs(kwargs: dict[str, Any]) -> EngineConfig:
         model=ModelConfig(**parts["model"]),
         cache=CacheConfig(**parts["cache"]),
         scheduler=SchedulerConfig(**parts["scheduler"]),
-        attention_backend=backend,
+        **engine_kwargs,
     )
 
 

@@ -28,6 +28,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    # On the last output, where the router knows them: when each phase of the request happened
+    # (time.monotonic() of the router process; see router/disagg_client.py), plus the prefill path.
+    phases: dict[str, float | str] | None = None
 
 
 @dataclass

@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
@@ -204,7 +204,7 @@ class KVHello:
     protocol_version: int
     worker_id: str
     layout: KVLayout
-    transport: str  # "tcp" | "shm"
+    transport: str  # "tcp" | "shm" | "cuda_ipc"
     mac: bytes  # HMAC-SHA256(secret, challenge || worker_id)
 
 
@@ -220,6 +220,9 @@ class KVHelloAck:
     error: str | None = None
     shm_name: str | None = None  # the decode worker's shared-memory KV cache, for transport shm
     layout: KVLayout | None = None
+    # Transport cuda_ipc: per layer, the CUDA IPC handle fields of the decode worker's cache tensor
+    # (raw bytes and ints; see kv_transfer/cuda_ipc.py).
+    cuda_ipc: list[list[Any]] | None = None
 
 
 @dataclass
@@ -245,6 +248,9 @@ class PrefillDone:
     first_logprob: list[Any] | None  # [token_id, logprob, [[id, lp], ...]]
     num_tokens: int  # positions [skip, num_tokens) were sent
     kv_bytes: int
+    # Transports that write in place (cuda_ipc): a fingerprint of all the KV written, which the
+    # decode side recomputes from its cache before it decodes.
+    kv_checksum: int | None = None
 
 
 @dataclass

@@ -27,6 +27,9 @@ class RequestResult:
     e2e_s: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    # The server's phase timestamps (seconds since it received the request), when it sends them
+    # (pdserve's router does, as `"pdserve": {...}` on the last chunk).
+    phases: dict[str, float | str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,10 +70,13 @@ async def _one(
                 if "error" in data:
                     res.error = str(data["error"])
                     return res
-                if data.get("choices"):
+                # Only chunks that carry text are tokens: the finish chunk (empty text) is not.
+                if any(c.get("text") for c in data.get("choices", [])):
                     if res.ttft_s is None:
                         res.ttft_s = now
                     res.chunk_times.append(now)
+                if "pdserve" in data:
+                    res.phases = data["pdserve"]
                 if data.get("usage"):
                     res.output_tokens = int(data["usage"]["completion_tokens"])
         res.e2e_s = time.monotonic() - start
@@ -90,8 +96,11 @@ async def run(
     timeout_s: float = 600.0,
     extra_body: dict[str, object] | None = None,
     progress: bool = False,
+    stop_after_s: float | None = None,
 ) -> list[RequestResult]:
-    """Send every request at its arrival time (or keep `concurrency` in flight) and wait for all."""
+    """Send every request at its arrival time (or keep `concurrency` in flight) and wait for all.
+    stop_after_s: launch nothing after that many seconds (a duration-bound run); requests not
+    launched are left out of the results."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
@@ -105,14 +114,21 @@ async def run(
     ) as client:
         t0 = time.monotonic()
 
-        async def launch(spec: RequestSpec) -> RequestResult:
+        def too_late() -> bool:
+            return stop_after_s is not None and time.monotonic() - t0 >= stop_after_s
+
+        async def launch(spec: RequestSpec) -> RequestResult | None:
             delay = spec.arrival_s - (time.monotonic() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
+            if too_late():
+                return None
             if sem is None:
                 res = await _one(client, model, spec, t0, extra_body or {})
             else:
                 async with sem:
+                    if too_late():
+                        return None
                     res = await _one(client, model, spec, t0, extra_body or {})
             if bar is not None:
                 bar.update(1)
@@ -121,4 +137,4 @@ async def run(
         results = await asyncio.gather(*(launch(s) for s in specs))
     if bar is not None:
         bar.close()
-    return list(results)
+    return [r for r in results if r is not None]

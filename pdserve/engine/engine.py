@@ -81,15 +81,22 @@ class LLMEngine:
             self.kv_caches = allocate_kv_caches(
                 self.arch, num_blocks, cache.block_size, self.dtype, self.device
             )
+        backend = get_backend(config.resolved_attention_backend())
         self.runner = ModelRunner(
             loaded.model,
             self.arch,
-            get_backend(config.attention_backend),
+            backend,
             self.kv_caches,
             cache.block_size,
             self.device,
             self.eos_token_ids,
         )
+        # Graph replay needs kernels that read context lengths on the device: the triton backend's.
+        self.cuda_graphs = (
+            self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager
+        )
+        if self.cuda_graphs:
+            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Prefill side: set by the prefill worker to ship KV of remote-prefill requests.
         self.kv_streamer: KVStreamer | None = None
@@ -97,12 +104,15 @@ class LLMEngine:
         # (shared-memory writers write before telling us), with the deadline that frees them anyway.
         self.draining: dict[str, tuple[Request, float]] = {}
         logger.info(
-            "engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens",
-            self.model_name, self.device, self.dtype, num_blocks, cache.block_size,
+            "engine ready: model=%s device=%s dtype=%s attention=%s cuda_graphs=%s kv_blocks=%d x %d tokens",
+            self.model_name, self.device, self.dtype, backend.name, self.cuda_graphs, num_blocks,
+            cache.block_size,
         )  # fmt: skip
 
     def _kv_budget_bytes(self) -> int:
         if self.device.type == "cuda":
+            # Blocks the allocator caches but no tensor holds count as free.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - self.config.cache.gpu_memory_utilization)
             return int(max(free - reserve, 0))

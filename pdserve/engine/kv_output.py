@@ -29,6 +29,8 @@ class KVStreamer:
         self.block_size = block_size
         self.num_layers = len(kv_caches)
         self.layers_per_chunk = layers_per_chunk
+        # K and V of one token in one layer
+        self.token_layer_bytes = kv_caches[0][:, 0, 0].numel() * kv_caches[0].element_size()
         self.bytes_sent: dict[str, int] = {}
 
     def layer_hook_for(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
@@ -52,6 +54,11 @@ class KVStreamer:
                 return
             first = layer - layer % self.layers_per_chunk
             for job, start, slots in items:
+                if self.sender.copies_from_cache:  # it copies from our cache: no gathered copy
+                    self.sender.send_kv_from_cache(job, first, layer + 1, self.kv_caches, slots, start)
+                    nbytes = self.token_layer_bytes * len(slots) * (layer + 1 - first)
+                    self.bytes_sent[job.request_id] = self.bytes_sent.get(job.request_id, 0) + nbytes
+                    continue
                 kv = read_kv(self.kv_caches, first, layer + 1, slots)  # [layers, 2, tokens, H_kv, D]
                 self.sender.send_kv(job, first, kv, start)
                 self.bytes_sent[job.request_id] = (

@@ -1,9 +1,11 @@
-"""Turns a scheduled batch into tensors, runs the model and samples next tokens."""
+"""Turns a scheduled batch into tensors, runs the model and samples next tokens. On a GPU with the
+triton backend, decode-only steps replay captured CUDA graphs (see cuda_graphs.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +13,9 @@ from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, F
 from pdserve.engine.model import CausalLM, ModelArch
 from pdserve.engine.sampler import Sampler, SamplerOutput
 from pdserve.engine.scheduler import ScheduledRequest
+
+if TYPE_CHECKING:
+    from pdserve.engine.cuda_graphs import DecodeGraphs
 
 
 @dataclass
@@ -91,21 +96,41 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        from pdserve.engine.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.backend,
+            self.kv_caches,
+            self.block_size,
+            max_num_seqs,
+            max_model_len,
+            self.device,
+        )
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(
         self, scheduled: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
     ) -> tuple[list[ScheduledRequest], SamplerOutput | None]:
         """Run one step. Returns the requests that sampled a token, with their samples."""
+        if self.graphs is not None and layer_hook is None and self.graphs.fits(scheduled):
+            return scheduled, self._sample(self.graphs.run(scheduled), scheduled)
         inputs = prepare_inputs(scheduled, self.block_size, self.device)
         ctx = ForwardContext(self.backend, inputs.meta, self.kv_caches, layer_hook)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)  # [num_tokens, hidden]
         if not inputs.sampled:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
-        params = [s.request.params for s in inputs.sampled]
-        generators = [s.request.generator for s in inputs.sampled]
-        return inputs.sampled, self.sampler(logits, params, generators, self._suppressed(inputs.sampled))
+        return inputs.sampled, self._sample(logits, inputs.sampled)
+
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> SamplerOutput:
+        params = [s.request.params for s in sampled]
+        generators = [s.request.generator for s in sampled]
+        return self.sampler(logits, params, generators, self._suppressed(sampled))
 
     def _suppressed(self, sampled: list[ScheduledRequest]) -> list[list[int]] | None:
         """Stop tokens are banned until a request has produced its min_tokens."""

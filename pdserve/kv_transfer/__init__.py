@@ -1,5 +1,5 @@
 """KV transfer between prefill and decode workers: a connector interface split by side and
-one module per transport (local, shm, tcp; cuda_ipc/nccl/nixl on GPUs, imported lazily)."""
+one module per transport (local, shm, tcp; cuda_ipc on GPUs), imported lazily."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def make_receiver(
         if shm_name is None:
             raise ValueError("transport shm needs the KV cache in shared memory (shm_name)")
         return ShmKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port, shm_name)
+    if transport == "cuda_ipc":
+        from pdserve.kv_transfer.cuda_ipc import CudaIpcKVReceiver
+
+        return CudaIpcKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port)
     raise ValueError(f"unknown KV transport {transport!r} (choose: {', '.join(TRANSPORTS)})")
 
 
@@ -61,4 +65,8 @@ def make_sender(
         from pdserve.kv_transfer.shm import ShmKVSender
 
         return ShmKVSender(layout, worker_id, secret, "native", on_error)
+    if transport == "cuda_ipc":
+        from pdserve.kv_transfer.cuda_ipc import CudaIpcKVSender
+
+        return CudaIpcKVSender(layout, worker_id, secret, "native", on_error)
     raise ValueError(f"unknown KV transport {transport!r} (choose: {', '.join(TRANSPORTS)})")

@@ -18,7 +18,7 @@ import torch
 
 from pdserve.protocol import KVLayout, PrefillDone, PrefillJob
 
-TRANSPORTS = ("local", "shm", "tcp")
+TRANSPORTS = ("local", "shm", "tcp", "cuda_ipc")
 
 
 class KVTransferError(RuntimeError):
@@ -42,10 +42,26 @@ class KVSender(ABC):
     # Called with a request id when the decode side no longer wants it (aborted, expired).
     on_abort: Callable[[str], None] = staticmethod(lambda request_id: None)  # type: ignore[assignment]
 
+    # Transports that copy straight out of the paged cache (cuda_ipc) take slots, not a gathered copy.
+    copies_from_cache: bool = False
+
     @abstractmethod
     def send_kv(self, job: PrefillJob, layer_start: int, kv: torch.Tensor, start: int) -> None:
         """kv: [layers, 2, tokens, kv_heads, head_dim] for layers [layer_start, layer_start+layers)
         and token positions [start, start+tokens)."""
+
+    def send_kv_from_cache(
+        self,
+        job: PrefillJob,
+        layer_start: int,
+        layer_end: int,
+        kv_caches: list[torch.Tensor],
+        slots: torch.Tensor,
+        start: int,
+    ) -> None:
+        """Like send_kv, for copies_from_cache transports: the tokens at positions [start, start+len(slots))
+        sit in `slots` of kv_caches (the sender's own paged cache) for layers [layer_start, layer_end)."""
+        raise NotImplementedError(f"{type(self).__name__} takes gathered KV (send_kv)")
 
     @abstractmethod
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None: ...
@@ -89,7 +105,8 @@ def slots_for(block_ids: list[int], block_size: int, start: int, end: int) -> to
     """Flat cache slots of token positions [start, end) in a request's block table."""
     pos = torch.arange(start, end)
     table = torch.tensor(block_ids, dtype=torch.int64)
-    return table[pos // block_size] * block_size + pos % block_size
+    # index_select, not table[...]: CPU advanced indexing took ~3 ms for 4096 positions.
+    return table.index_select(0, pos // block_size) * block_size + pos % block_size
 
 
 def write_kv(kv_caches: list[torch.Tensor], layer_start: int, slots: torch.Tensor, kv: torch.Tensor) -> None:

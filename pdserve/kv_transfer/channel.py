@@ -70,7 +70,12 @@ def send_msg(sock: socket.socket, msg: Any, payload: bytes | memoryview = b"") -
 
 
 def server_handshake(
-    sock: socket.socket, secret: bytes, layout: KVLayout, transport: str, shm_name: str | None
+    sock: socket.socket,
+    secret: bytes,
+    layout: KVLayout,
+    transport: str,
+    shm_name: str | None,
+    ack_extras: dict[str, Any] | None = None,
 ) -> str:
     """Run the decode side of the handshake. Returns the peer's worker id; raises on refusal."""
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
@@ -93,7 +98,8 @@ def server_handshake(
     if error:
         send_msg(sock, KVHelloAck(ok=False, error=error, layout=layout))
         raise ConnectionRefusedError(error)
-    send_msg(sock, KVHelloAck(ok=True, shm_name=shm_name, layout=layout))
+    # Extras (memory handles) go out only to an authenticated peer.
+    send_msg(sock, KVHelloAck(ok=True, shm_name=shm_name, layout=layout, **(ack_extras or {})))
     return str(hello.worker_id)
 
 

@@ -95,6 +95,10 @@ class SocketKVReceiver(KVReceiver):
         for c in conns:
             c.close()
 
+    def handshake_extras(self) -> dict[str, Any]:
+        """More KVHelloAck fields for transports that map the receiver's memory (cuda_ipc)."""
+        return {}
+
     # ---- connection threads ----
 
     def _accept_loop(self) -> None:
@@ -110,7 +114,9 @@ class SocketKVReceiver(KVReceiver):
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            peer = server_handshake(conn, self.secret, self.layout, self.transport, self.shm_name)
+            peer = server_handshake(
+                conn, self.secret, self.layout, self.transport, self.shm_name, self.handshake_extras()
+            )
         except (ConnectionRefusedError, ProtocolError, OSError) as e:
             logger.warning("KV connection refused: %s", e)
             conn.close()

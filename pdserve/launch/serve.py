@@ -14,23 +14,12 @@ from types import FrameType
 
 from pdserve import envs
 from pdserve.cli_args import dataclass_to_argv
-from pdserve.config import EngineConfig, ServerConfig, WorkerConfig
+from pdserve.config import PER_WORKER_FIELDS, EngineConfig, ServerConfig, WorkerConfig
 from pdserve.launch.local import LocalDeployment, free_port
 
 logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 300.0
-_PER_WORKER = (
-    "role",
-    "worker_id",
-    "host",
-    "port",
-    "kv_port",
-    "router_url",
-    "cpus",
-    "shm_tag",
-    "kv_transport",
-)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -60,7 +49,7 @@ def serve_deployment(
         transport=args.transport,
         router_url=f"http://{router_host}:{port}",
         engine_args=engine_argv(engine_cfg),
-        worker_args=dataclass_to_argv(worker_defaults, exclude=_PER_WORKER),
+        worker_args=dataclass_to_argv(worker_defaults, exclude=PER_WORKER_FIELDS),
         pin_cpus=pin,
         log_dir=Path(args.worker_log_dir) if args.worker_log_dir else None,
     )

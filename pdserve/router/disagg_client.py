@@ -69,6 +69,20 @@ class RequestEvents:
     kv_seconds: float = 0.0
     enqueued: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Phase timestamps (time.monotonic()) for the per-request timeline a benchmark client draws.
+    arrival: float = 0.0
+    routed: float = 0.0
+    pulled: float | None = None
+    first_token: float | None = None
+
+    def phases(self, end: float) -> dict[str, float | str]:
+        out: dict[str, float | str] = {"arrival": self.arrival, "routed": self.routed, "end": end}
+        optional = {"enqueued": self.enqueued, "pulled": self.pulled, "first_token": self.first_token}
+        out.update({name: t for name, t in optional.items() if t is not None})
+        if self.prefill_path is not None:
+            out["prefill_path"] = self.prefill_path
+            out["kv_seconds"] = self.kv_seconds
+        return out
 
 
 class DisaggClient:
@@ -204,13 +218,14 @@ class DisaggClient:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
+        arrival = time.monotonic()
         worker = self._pick(prompt_token_ids)
         body = GenerateRequest(
             request_id, prompt_token_ids, params_to_dict(params),
             prefill_queue_depth=self.queue.depth, num_prefill_workers=len(self.prefill_workers()),
             allow_remote=worker.info.role == "decode",
         )  # fmt: skip
-        events = RequestEvents(worker.worker_id)
+        events = RequestEvents(worker.worker_id, arrival=arrival, routed=time.monotonic())
         self._streams[request_id] = worker.worker_id
         finished = False
         try:
@@ -220,6 +235,8 @@ class DisaggClient:
                     await self.queue.put(msg)
                     continue
                 if msg.prefill_path is not None:
+                    events.first_token = time.monotonic()
+                    events.pulled = self.queue.pulled_at(request_id)
                     self.queue.done(request_id)
                     events.prefill_path, events.kv_bytes, events.kv_seconds = (
                         msg.prefill_path,
@@ -230,6 +247,8 @@ class DisaggClient:
                         self.on_first_chunk(events)
                 out = msg.to_output()
                 finished = out.finished
+                if finished:
+                    out.phases = events.phases(time.monotonic())
                 yield out
             if not finished:
                 raise ConnectionError("the decode worker's stream ended early")

@@ -75,6 +75,11 @@ class PrefillQueue:
             return "in_flight", entry.worker_id
         return "unknown", None
 
+    def pulled_at(self, request_id: str) -> float | None:
+        """When a prefill worker took this job (monotonic), while it is in flight."""
+        entry = self._in_flight.get(request_id)
+        return entry.pulled if entry is not None else None
+
     def done(self, request_id: str) -> None:
         """The decode worker got the KV (or fell back): the job is over."""
         self._queued.pop(request_id, None)

@@ -37,6 +37,7 @@ from pdserve.router.streams import (
     run_unless_disconnected,
     sse,
     sse_error,
+    with_phases,
 )
 from pdserve.sampling_params import SamplingParams
 
@@ -163,11 +164,12 @@ async def _stream(
                         raise err
                     if index % req.n == 0:
                         cached[index // req.n] = out.num_cached_tokens
-                    yield chunk(
+                    final = chunk(
                         CompletionStreamChoice(
                             index=index, text="", finish_reason=out.finish_reason, stop_reason=out.stop_reason
                         )
                     )
+                    yield with_phases(final, out, by_index[index].arrival)
         if req.include_usage_in_stream:
             usage = usage_of(prompt_lens, completion_tokens, list(cached.values()))
             yield sse(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Sequence
@@ -181,6 +182,19 @@ async def run_unless_disconnected(request: Request, work: Awaitable[Any]) -> Any
 
 def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
+
+
+def with_phases(event: str, out: RequestOutput, arrival: float) -> str:
+    """Adds the router's phase timestamps to a request's last SSE chunk as `"pdserve": {...}`,
+    in seconds since the HTTP request arrived (OpenAI clients ignore unknown fields)."""
+    if not out.phases:
+        return event
+    body = json.loads(event[len("data: ") :])
+    # Timestamps become offsets; kv_seconds is already a duration and the path a name.
+    body["pdserve"] = {
+        k: v - arrival if isinstance(v, float) and k != "kv_seconds" else v for k, v in out.phases.items()
+    }
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def sse_error(err: APIError) -> str:

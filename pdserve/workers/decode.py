@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 # After a remote prefill's deadline, how long shared-memory blocks stay held in case the writer
 # is mid-copy (it checks the same deadline before every write).
 _SHM_GRACE_S = 1.0
+# Transports whose writer puts KV straight into our blocks (so aborted blocks drain before reuse).
+_IN_PLACE = ("shm", "cuda_ipc")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class DecodeWorker:
             max_queue_per_prefill_worker=cfg.max_queue_per_prefill_worker,
             link_bytes_per_s=cfg.link_gbps * 1e9,
             kv_bytes_per_token=self.layout.bytes_per_token,
+            max_local_prefill_tokens=cfg.max_local_prefill_tokens,
         )
         self.prefill_speed = PrefillSpeed(cfg.prefill_tokens_per_s)
         self._remote: dict[str, _Remote] = {}  # touched on the engine thread only
@@ -228,7 +231,7 @@ class DecodeWorker:
 
     def _tick(self, eng: LLMEngine) -> None:
         now = time.monotonic()
-        grace = _SHM_GRACE_S if self.cfg.kv_transport == "shm" else 0.0
+        grace = _SHM_GRACE_S if self.cfg.kv_transport in _IN_PLACE else 0.0
         for rid, remote in list(self._remote.items()):
             if now > remote.deadline + grace:
                 assert self.receiver is not None
@@ -266,7 +269,7 @@ class DecodeWorker:
         if remote is not None:
             assert self.receiver is not None
             self.receiver.cancel(request_id)
-            if self.cfg.kv_transport == "shm" and not writer_stopped:
+            if self.cfg.kv_transport in _IN_PLACE and not writer_stopped:
                 # A prefill worker may be writing into these blocks: hold them until it stops.
                 drain_s = max(remote.deadline - time.monotonic(), 0.0) + _SHM_GRACE_S
         self._paths.pop(request_id, None)

@@ -16,6 +16,9 @@ class DisaggPolicy:
     max_queue_per_prefill_worker: int
     link_bytes_per_s: float
     kv_bytes_per_token: int
+    # A saturated prefill queue sends only prompts up to this long back to the decode worker:
+    # a longer one would stall every running decode for its whole prefill.
+    max_local_prefill_tokens: int = 1024
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ def choose_prefill_path(
         return Decision(False, "no healthy prefill worker")
     if uncached_tokens < policy.threshold_tokens:
         return Decision(False, f"{uncached_tokens} uncached tokens < threshold {policy.threshold_tokens}")
-    if queue_depth >= policy.max_queue_per_prefill_worker * num_prefill_workers:
+    saturated = queue_depth >= policy.max_queue_per_prefill_worker * num_prefill_workers
+    if saturated and uncached_tokens <= policy.max_local_prefill_tokens:
         return Decision(
             False, f"prefill queue saturated ({queue_depth} jobs for {num_prefill_workers} workers)"
         )
@@ -43,4 +47,6 @@ def choose_prefill_path(
     saved_s = uncached_tokens / local_prefill_tokens_per_s
     if transfer_s >= saved_s:
         return Decision(False, f"transfer {transfer_s * 1e3:.1f} ms >= local prefill {saved_s * 1e3:.1f} ms")
+    if saturated:
+        return Decision(True, f"{uncached_tokens} uncached tokens: too long to prefill here, queue or not")
     return Decision(True, f"{uncached_tokens} uncached tokens; transfer {transfer_s * 1e3:.1f} ms")

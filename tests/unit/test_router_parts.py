@@ -79,7 +79,8 @@ def test_disagg_decision() -> None:
     )
     assert not choose_prefill_path(100, 0, 1, 1500.0, policy).remote  # short
     assert choose_prefill_path(1800, 0, 1, 1500.0, policy).remote
-    assert not choose_prefill_path(1800, 4, 1, 1500.0, policy).remote  # queue saturated
+    assert choose_prefill_path(1800, 4, 1, 1500.0, policy).remote  # saturated queue, but too long for here
+    assert not choose_prefill_path(600, 4, 1, 1500.0, policy).remote  # saturated queue: short enough
     assert not choose_prefill_path(1800, 0, 0, 1500.0, policy).remote  # no prefill worker
     slow_link = DisaggPolicy(256, 4, 1e6, 46080)
     decision = choose_prefill_path(1800, 0, 1, 1500.0, slow_link)

@@ -1,0 +1,111 @@
+"""Simulator fidelity against the CPU disaggregation benchmark (benchmarks/bimodal_cpu.py): replays
+each measured run's requests (same send times, same lengths) through pdserve's simulator and prints
+predicted vs measured p50/p99 TTFT and ITL with the error (target: within 20%).
+
+    .venv/bin/pdserve profile --model smollm2 --cpus 0 --threads 1 --json perf-1core.json
+    .venv/bin/pdserve profile --model smollm2 --cpus 0-1 --threads 2 --json perf-2core.json
+    .venv/bin/python benchmarks/sim_fidelity.py --measured results/bimodal \\
+        --perf perf-1core.json --perf-colocated perf-2core.json
+
+The deployments mirror bimodal_cpu.py: `colocated` is one worker on two cores (chunked prefill,
+default scheduler: 512-token budget, 64 sequences); `1P1D` is one prefill and one decode worker on
+a core each, the decode worker applying the benchmark's policy (remote from 32 uncached tokens, 4 queued
+jobs per prefill worker, at most 256 tokens prefilled locally when the queue is full, 4 GB/s and
+1,500 tokens/s starting estimates) and KV moving over shm at the
+bandwidth `pdserve profile` measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from pdserve.config import SchedulerConfig, WorkerConfig
+from pdserve.planner.fidelity import calibrate_serving_seq_s, compare, format_rows, load_runs
+from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.simulator import Deployment
+from pdserve.workers.disagg_policy import DisaggPolicy
+
+
+def deployments(perf: PerfModel, transport: str, threshold: int, max_local: int) -> dict[str, Deployment]:
+    sched, worker = SchedulerConfig(), WorkerConfig()
+    budget, seqs = sched.max_num_batched_tokens, sched.max_num_seqs
+    policy = DisaggPolicy(
+        threshold_tokens=threshold,
+        max_queue_per_prefill_worker=worker.max_queue_per_prefill_worker,
+        link_bytes_per_s=worker.link_gbps * 1e9,
+        kv_bytes_per_token=perf.kv_bytes_per_token,
+        max_local_prefill_tokens=max_local,
+    )
+    return {
+        "colocated": Deployment(colocated=1, max_num_batched_tokens=budget, max_num_seqs=seqs),
+        "1P1D": Deployment(
+            prefill=1,
+            decode=1,
+            fabric=transport,
+            policy=policy,
+            local_prefill_tokens_per_s=worker.prefill_tokens_per_s,
+            max_num_batched_tokens=budget,
+            max_num_seqs=seqs,
+        ),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--measured", type=Path, required=True, help="directory of {config}@{rate}.requests.json")
+    ap.add_argument("--perf", type=Path, required=True, help="perf model of one worker core (1P1D workers)")
+    ap.add_argument("--perf-colocated", type=Path, default=None, help="perf model of the co-located worker")
+    ap.add_argument("--transport", default="shm", help="link of the 1P1D run (a measured one in --perf)")
+    ap.add_argument(
+        "--serving-seq-ms",
+        type=float,
+        default=None,
+        help="per-sequence per-step serving cost outside the engine (overrides the perf files'); "
+        "see --calibrate",
+    )
+    ap.add_argument(
+        "--calibrate",
+        default=None,
+        metavar="RUN",
+        help="fit --serving-seq-ms on this measured run (e.g. colocated@0.5) and check the others",
+    )
+    # bimodal_cpu.py's 1P1D flags
+    ap.add_argument("--remote-prefill-threshold", type=int, default=32)
+    ap.add_argument("--max-local-prefill-tokens", type=int, default=256)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    perf = PerfModel.load(args.perf)
+    perf_colo = PerfModel.load(args.perf_colocated) if args.perf_colocated else perf
+    runs = load_runs(args.measured)
+    if args.calibrate is not None:
+        config, _, rate = args.calibrate.partition("@")
+        serving = calibrate_serving_seq_s(
+            runs[(config, float(rate))], perf_colo if config == "colocated" else perf
+        )
+        print(f"calibrated on {args.calibrate}: serving cost {serving * 1e3:.1f} ms per sequence per step")
+    else:
+        serving = args.serving_seq_ms / 1e3 if args.serving_seq_ms is not None else None
+    if serving is not None:
+        perf, perf_colo = (dataclasses.replace(p, serving_seq_s=serving) for p in (perf, perf_colo))
+    deps = deployments(perf, args.transport, args.remote_prefill_threshold, args.max_local_prefill_tokens)
+    rows = []
+    for (config, rate), results in runs.items():
+        if config not in deps:
+            print(f"skipping {config}@{rate}: no simulated counterpart")
+            continue
+        model = perf_colo if config == "colocated" else perf
+        rows += compare(results, model, deps[config], config, rate)
+    if not rows:
+        raise SystemExit(f"no {{colocated,1P1D}}@RATE.requests.json in {args.measured}")
+    print(format_rows(rows))
+    within = sum(abs(r.error) <= 0.2 for r in rows)
+    print(f"\n{within}/{len(rows)} predictions within 20%")
+    if args.json is not None:
+        args.json.write_text(json.dumps([r.__dict__ | {"error": r.error} for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""cuda_ipc transport (same host, GPU): the decode worker shares its KV cache tensors through CUDA
+IPC handles, and the prefill worker's kernels write a request's KV straight into the reserved
+blocks, GPU to GPU, one layer group at a time from inside the forward pass.
+
+The handles travel as raw fields of the KVHelloAck (msgpack bytes and ints, never pickle), sent
+only after the HMAC handshake. The socket still carries one small header per layer group, the
+completion and aborts. A header leaves only once its copy has finished on the device, so when the
+decode side reads the KV it is complete. The completion carries a fingerprint of everything written
+(computed from the sender's cache), which the decode side recomputes from its own before decoding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdserve.kv_transfer.base import Expectation, KVTransferError, OnDone, OnFailed, slots_for
+from pdserve.kv_transfer.codec import torch_dtype
+from pdserve.kv_transfer.gpu_copy import copy_slots, fingerprint_slots, pointer_table
+from pdserve.kv_transfer.tcp import SocketKVReceiver, SocketKVSender, _Item, _Peer
+from pdserve.protocol import KVLayerChunk, KVLayout, PrefillDone, PrefillJob
+
+
+def export_handles(kv_caches: list[torch.Tensor]) -> list[list[Any]]:
+    """Per layer: [storage handle fields..., element offset, num_blocks]."""
+    out = []
+    for cache in kv_caches:
+        if not cache.is_cuda or not cache.is_contiguous():
+            raise ValueError("transport cuda_ipc needs contiguous KV caches on a CUDA device")
+        device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = (
+            cache.untyped_storage()._share_cuda_()  # type: ignore[attr-defined]
+        )
+        out.append(
+            [device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync,
+             cache.storage_offset(), cache.shape[1]]
+        )  # fmt: skip
+    return out
+
+
+def import_handles(handles: list[list[Any]], layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
+    """Map the peer's caches into this process as tensors on `device` (the GPU our kernels run on;
+    a peer cache on another GPU is reached through peer access)."""
+    if len(handles) != layout.num_layers:
+        raise ConnectionError(
+            f"peer shared {len(handles)} KV caches, the layout has {layout.num_layers} layers"
+        )
+    dtype = torch_dtype(layout.dtype)
+    tensors = []
+    for entry in handles:
+        _, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync, elem_offset, num_blocks = (
+            entry
+        )
+        try:
+            storage = torch.UntypedStorage._new_shared_cuda(  # type: ignore[attr-defined]
+                device.index if device.index is not None else torch.cuda.current_device(),
+                handle, size, offset, ref_handle, ref_offset, event_handle, event_sync,
+            )  # fmt: skip
+        except RuntimeError as e:
+            raise ConnectionError(f"cannot open the peer's CUDA IPC handle (same host?): {e}") from None
+        shape = (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        strides = [1] * len(shape)  # contiguous
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        tensor = torch.empty((0,), dtype=dtype, device=device)
+        tensors.append(tensor.set_(storage, elem_offset, shape, strides))
+    return tensors
+
+
+class CudaIpcKVReceiver(SocketKVReceiver):
+    transport = "cuda_ipc"
+    # Recompute the request's fingerprint from our cache once its KV is complete (one read of it,
+    # one launch, on a side stream).
+    verify = True
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        kv_caches: list[torch.Tensor],
+        on_done: OnDone,
+        on_failed: OnFailed,
+        secret: bytes,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        if not kv_caches[0].is_cuda:
+            raise ValueError("transport cuda_ipc keeps the KV cache on the GPU: use it with --device cuda")
+        # Set before the accept thread starts.
+        self._stream = torch.cuda.Stream(kv_caches[0].device)
+        self._table = pointer_table(kv_caches)
+        super().__init__(layout, kv_caches, on_done, on_failed, secret, host, port)
+
+    def handshake_extras(self) -> dict[str, Any]:
+        return {"cuda_ipc": export_handles(self.kv_caches)}
+
+    def _receive_payload(self, conn: object, chunk: KVLayerChunk) -> bytearray:
+        return bytearray()  # the data is already in our cache
+
+    def _store(self, exp: Expectation, chunk: KVLayerChunk, payload: bytearray) -> None:
+        if chunk.start < exp.skip_tokens:
+            raise KVTransferError(
+                f"[{chunk.request_id}] chunk starts at {chunk.start} < skip {exp.skip_tokens}"
+            )
+
+    def _on_prefill_done(self, done: PrefillDone) -> None:
+        rid = done.request_id
+        with self._lock:
+            exp = self._expected.get(rid)
+        if self.verify and exp is not None and exp.missing(done.num_tokens) is None:
+            slots = slots_for(exp.dst_block_ids, self.layout.block_size, exp.skip_tokens, done.num_tokens)
+            with torch.cuda.stream(self._stream):
+                device_slots = slots.to(self.kv_caches[0].device)
+                found = fingerprint_slots(
+                    self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots
+                )
+                matches = done.kv_checksum is not None and int(found) == done.kv_checksum
+            if not matches:
+                if self._pop(rid) is not None:
+                    self.on_failed(rid, "KV fingerprint mismatch: what landed is not what was sent")
+                return
+        super()._on_prefill_done(done)
+
+
+class _IpcPeer(_Peer):
+    """A peer whose connection the engine thread may open first (it needs the mapping to launch
+    copies); the send thread reuses it."""
+
+    def __init__(self, sender: SocketKVSender, host: str, port: int) -> None:
+        self._connect_lock = threading.Lock()
+        super().__init__(sender, host, port)
+
+    def _connect(self) -> None:
+        with self._connect_lock:
+            if self.sock is None:
+                super()._connect()
+
+
+@dataclass
+class _Staging:
+    """Pinned host and device buffers for one step's slot pairs: [source slots | destination slots]."""
+
+    host: torch.Tensor  # [capacity] int64, pinned
+    device: torch.Tensor  # [capacity] int64
+    uploaded: torch.cuda.Event  # recorded after the last upload out of `host`
+
+
+class CudaIpcKVSender(SocketKVSender):
+    transport = "cuda_ipc"
+    copies_from_cache = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (host, port) -> (the peer's caches mapped here, their pointer table)
+        self._mapped: dict[tuple[str, int], tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._src: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        # (request id, first position) -> the step's slots on the device and how many tokens
+        self._slots: dict[tuple[str, int], tuple[_Staging, int]] = {}
+        self._free_staging: list[_Staging] = []
+        # request id -> (event after its fingerprint, the fingerprint on the device)
+        self._fingerprints: dict[str, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        # The send thread reads fingerprints through a stream of its own: a copy on the engine's
+        # stream would wait for everything queued there (the rest of the forward).
+        self._side: torch.cuda.Stream | None = None
+
+    def _peer(self, job: PrefillJob) -> _Peer:
+        key = (job.kv_host, job.kv_port)
+        with self._lock:
+            if key not in self._peers:
+                self._peers[key] = _IpcPeer(self, job.kv_host, job.kv_port)
+            return self._peers[key]
+
+    def on_connected(self, peer: _Peer) -> None:
+        if peer.ack is None or not peer.ack.cuda_ipc:
+            raise ConnectionError("the decode worker shares no CUDA KV cache (is it on transport cuda_ipc?)")
+        device = self._src[0][0].device if self._src else torch.device("cuda", torch.cuda.current_device())
+        views = import_handles(peer.ack.cuda_ipc, self.layout, device)
+        self._mapped[(peer.host, peer.port)] = (views, pointer_table(views))
+
+    def send_kv(self, job: PrefillJob, layer_start: int, kv: torch.Tensor, start: int) -> None:
+        raise NotImplementedError("transport cuda_ipc copies from the cache: use send_kv_from_cache")
+
+    def send_kv_from_cache(
+        self,
+        job: PrefillJob,
+        layer_start: int,
+        layer_end: int,
+        kv_caches: list[torch.Tensor],
+        slots: torch.Tensor,
+        start: int,
+    ) -> None:
+        """Engine thread: queue the copy on the current stream (ordered after the layers that wrote
+        this KV, before anything that could overwrite it), then hand the header to the send thread."""
+        rid = job.request_id
+        if rid in self.aborted:
+            return
+        if time.time() > job.deadline:
+            # The decode side may reuse the blocks after its deadline: never write late.
+            self.aborted.add(rid)
+            self.report_error(rid, "KV push after the job's deadline: dropped")
+            return
+        if self._src is None or self._src[0] is not kv_caches:
+            self._src = (kv_caches, pointer_table(kv_caches))  # before connecting: it names our GPU
+        peer = self._peer(job)
+        try:
+            peer._connect()
+        except (OSError, ConnectionError) as e:
+            peer._drop_connection()
+            self.aborted.add(rid)
+            self.report_error(rid, f"KV connection to {peer.host}:{peer.port} failed: {e}")
+            return
+        views, dst_table = self._mapped[(peer.host, peer.port)]
+        src_slots, dst_slots = self._device_slots(job, start, slots, kv_caches[0].device)
+        like = kv_caches[0]
+        copy_slots(
+            self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
+            layer_start, layer_end, src_slots, dst_slots,
+        )  # fmt: skip
+        copied = torch.cuda.Event()
+        copied.record()
+        peer.queue.put(_Item("kv", job, (copied, layer_end, start + len(slots)), layer_start, start))
+
+    def _device_slots(
+        self, job: PrefillJob, start: int, slots: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's (source, destination) slots on the device, uploaded once per step and request
+        from pinned memory without waiting: every other copy here would wait for the stream."""
+        key = (job.request_id, start)
+        if key not in self._slots:
+            n = len(slots)
+            staging = self._take_staging(2 * n, device)
+            staging.uploaded.synchronize()  # its last upload has left `host` (long ago, in practice)
+            staging.host[:n].copy_(slots)
+            staging.host[n : 2 * n].copy_(
+                slots_for(job.dst_block_ids, self.layout.block_size, start, start + n)
+            )
+            # On the engine's stream: ordered after every earlier reader of this device buffer.
+            staging.device[: 2 * n].copy_(staging.host[: 2 * n], non_blocking=True)
+            staging.uploaded.record()
+            self._slots[key] = (staging, n)
+        staging, n = self._slots[key]
+        return staging.device[:n], staging.device[n : 2 * n]
+
+    def _take_staging(self, size: int, device: torch.device) -> _Staging:
+        for i, staging in enumerate(self._free_staging):
+            if staging.host.numel() >= size:
+                return self._free_staging.pop(i)
+        capacity = max(size, 2 * 8192)
+        return _Staging(
+            torch.empty(capacity, dtype=torch.int64, pin_memory=True),
+            torch.empty(capacity, dtype=torch.int64, device=device),
+            torch.cuda.Event(),
+        )
+
+    def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
+        """Engine thread: fingerprint everything sent for the request, from our cache, on the stream
+        (before our blocks can be reused); the send thread puts it into the completion."""
+        rid = job.request_id
+        ranges = [staging.device[:n] for (r, _), (staging, n) in self._slots.items() if r == rid]
+        if ranges and self._src is not None:
+            caches, table = self._src
+            total = torch.zeros(1, dtype=torch.int64, device=caches[0].device)
+            for src in ranges:
+                fingerprint_slots(table, caches[0], 0, len(caches), src, out=total)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._fingerprints[rid] = (ready, total)
+        self._forget(rid)
+        super().send_done(job, done)
+
+    def send_failed(self, job: PrefillJob, error: str) -> None:
+        self._forget(job.request_id)
+        self._fingerprints.pop(job.request_id, None)
+        super().send_failed(job, error)
+
+    def _forget(self, request_id: str) -> None:
+        for key in [k for k in self._slots if k[0] == request_id]:
+            # Reusable at once: later uploads into it are queued behind this request's copies.
+            self._free_staging.append(self._slots.pop(key)[0])
+
+    def push(self, peer: _Peer, item: _Item) -> None:
+        """Send thread: a completion waits for its fingerprint (not for the rest of the stream)."""
+        if item.kind == "done":
+            pending = self._fingerprints.pop(item.job.request_id, None)
+            if pending is not None:
+                ready, total = pending
+                ready.synchronize()
+                if self._side is None:
+                    self._side = torch.cuda.Stream(total.device)
+                with torch.cuda.stream(self._side):  # read it without waiting for the engine's stream
+                    item.payload.kv_checksum = int(total.item())
+        super().push(peer, item)
+
+    def encode_chunk(self, peer: _Peer, item: _Item) -> tuple[KVLayerChunk, bytes]:
+        """Send thread: wait for the copy (not the rest of the stream), then describe it."""
+        copied, layer_end, end = item.payload
+        copied.synchronize()
+        per_token_layer = self.layout.bytes_per_token // self.layout.num_layers
+        chunk = KVLayerChunk(
+            request_id=item.job.request_id,
+            layer_start=item.layer_start,
+            layer_end=layer_end,
+            start=item.start,
+            end=end,
+            wire_dtype="native",
+            nbytes=per_token_layer * (end - item.start) * (layer_end - item.layer_start),
+            checksum=0,  # the completion carries the fingerprint of the whole request
+        )
+        return chunk, b""
+
+    def close(self) -> None:
+        super().close()
+        self._mapped.clear()
+        self._slots.clear()
+        self._free_staging.clear()
+        self._fingerprints.clear()

@@ -1,0 +1,153 @@
+"""`pdserve plan` and `pdserve profile`.
+
+    pdserve profile --model smollm2 --threads 1 --json perf.json
+    pdserve plan --perf perf.json --workload bimodal --long-share 0.2 --slo-ttft-ms 1000 \\
+        --slo-tpot-ms 50 --gpus 4 --fabric nvlink --json plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.cli import add_workload_args, build_specs, sampler_from_args
+from pdserve.bench.report import SLO
+from pdserve.planner.perf_model import FABRICS_GBPS, PerfModel
+from pdserve.planner.planner import Plan, PlanWorkload, plan
+from pdserve.planner.simulator import Deployment
+from pdserve.workers.disagg_policy import DisaggPolicy
+
+
+def add_plan_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="should I disaggregate, and with what xPyD? (simulated from a perf model)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--perf", type=Path, required=True, help="perf model JSON (pdserve profile, or modelled)")
+    p.add_argument("--slo-ttft-ms", type=float, required=True)
+    p.add_argument("--slo-tpot-ms", type=float, required=True)
+    p.add_argument("--gpus", type=int, required=True, help="workers to spend (one engine per GPU)")
+    p.add_argument(
+        "--fabric", default="nvlink", help=f"KV link: {' | '.join(FABRICS_GBPS)} or a measured one"
+    )
+    p.add_argument("--num-requests", type=int, default=200, help="distinct requests in the simulated trace")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--remote-prefill-threshold", type=int, default=256)
+    p.add_argument("--max-queue-per-prefill-worker", type=int, default=4)
+    p.add_argument(
+        "--conditional", action=argparse.BooleanOptionalAction, default=True,
+        help="also consider conditional disaggregation (decode workers decide per request)",
+    )  # fmt: skip
+    p.add_argument("--served-model", default="MODEL", help="--model in the printed serve command")
+    p.add_argument("--json", type=Path, default=None)
+    add_workload_args(p)
+    p.set_defaults(handler=lambda args: run_plan(p, args))
+
+
+def workload_from_args(args: argparse.Namespace) -> PlanWorkload:
+    sampler = sampler_from_args(args)
+    if sampler is None:
+        return PlanWorkload.from_specs(build_specs(args, None, args.num_requests, 32000))
+    return PlanWorkload.from_sampler(sampler, args.num_requests, args.seed, args.burstiness)
+
+
+def plan_to_dict(result: Plan) -> dict[str, Any]:
+    def cand(c: Any) -> dict[str, Any]:
+        return {
+            "deployment": c.deployment.label,
+            "gpus": c.deployment.gpus,
+            "goodput_req_s": c.goodput_req_s,
+            "goodput_per_gpu": c.goodput_per_gpu,
+            "p99_ttft_s": c.p99_ttft_s,
+            "p99_tpot_s": c.p99_tpot_s,
+            "remote_share": c.remote_share,
+        }
+
+    return {
+        "disaggregate": result.disaggregate,
+        "best": cand(result.best),
+        "reasons": result.reasons,
+        "command": result.command,
+        "candidates": [cand(c) for c in result.candidates],
+    }
+
+
+def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        perf = PerfModel.load(args.perf)
+        link = perf.link_bytes_per_s(args.fabric)
+        wl = workload_from_args(args)
+        base = Deployment(
+            colocated=1, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+        )
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    policy = (
+        DisaggPolicy(
+            args.remote_prefill_threshold, args.max_queue_per_prefill_worker, link, perf.kv_bytes_per_token
+        )
+        if args.conditional
+        else None
+    )
+    slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    result = plan(perf, wl, slo, args.gpus, args.fabric, base=base, policy=policy, model=args.served_model)
+    print(f"perf model: {perf.name} ({perf.source})")
+    print(
+        f"{'deployment':<22}{'goodput req/s':>14}{'per GPU':>10}{'p99 TTFT s':>12}{'p99 TPOT ms':>13}{'remote':>8}"
+    )
+    for c in result.candidates:
+        print(
+            f"{c.deployment.label:<22}{c.goodput_req_s:>14.3g}{c.goodput_per_gpu:>10.3g}"
+            f"{c.p99_ttft_s:>12.3f}{c.p99_tpot_s * 1e3:>13.1f}{c.remote_share:>8.0%}"
+        )
+    print(f"\ndisaggregate: {'yes' if result.disaggregate else 'no'} -> {result.best.deployment.label}")
+    for r in result.reasons:
+        print(f"  - {r}")
+    print(f"\n{result.command}")
+    if args.json is not None:
+        out = plan_to_dict(result) | {"perf": perf.name, "fabric": args.fabric, "gpus": args.gpus}
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure this engine's cost model on this machine (perf model JSON for pdserve plan)",
+    )
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cpus", default=None, help="pin to these CPUs first, e.g. '0' or '0-1'")
+    p.add_argument("--prefill-tokens", default="64,256,512,2048", help="prompt lengths to time")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget (prompt chunk size)")
+    p.add_argument("--decode-batches", default="1,4,16", help="decode batch sizes to time")
+    p.add_argument("--decode-contexts", default="128,512", help="context per sequence for decode steps")
+    p.add_argument("--transports", default="local,shm,tcp", help="KV transports to time")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(handler=lambda args: run_profile(args))
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from pdserve.planner.profile import ProfileSpec, profile
+
+    spec = ProfileSpec(
+        model=args.model, dtype=args.dtype, device=args.device, threads=args.threads, cpus=args.cpus,
+        prefill_tokens=[int(x) for x in args.prefill_tokens.split(",")],
+        decode_batches=[int(x) for x in args.decode_batches.split(",")],
+        decode_contexts=[int(x) for x in args.decode_contexts.split(",")],
+        transports=[x for x in args.transports.split(",") if x], repeats=args.repeats,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )  # fmt: skip
+    perf, raw = profile(spec)
+    perf.save(args.json)
+    args.json.with_suffix(".raw.json").write_text(json.dumps(raw, indent=1))
+    print(json.dumps(perf.to_dict() | {"notes": "..."}, indent=2))
+    return 0

@@ -1,0 +1,113 @@
+"""cuda_ipc transport between two processes: the decode side (a child process) shares its cache, the
+prefill side writes a request's KV into the reserved blocks with its own kernels, through the
+KVStreamer hook as the prefill worker does; the decode side checks every chunk's fingerprint."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from pdserve.engine.kv_output import KVStreamer
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import ScheduledRequest
+from pdserve.kv_transfer import make_sender
+from pdserve.kv_transfer.base import read_kv, slots_for
+from pdserve.protocol import KVLayout, PrefillJob
+from pdserve.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+LAYOUT = KVLayout("tiny", "bfloat16", block_size=16, num_layers=4, num_kv_heads=2, head_dim=64)
+SECRET = b"s3cret"
+NUM_BLOCKS = 32
+
+
+def receiver_main(conn: Any) -> None:
+    """Decode side: serve the cache, expect what the parent says, report what landed."""
+    from pdserve.kv_transfer import make_receiver
+
+    caches = [
+        torch.zeros(2, NUM_BLOCKS, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        for _ in range(LAYOUT.num_layers)
+    ]
+    results: list[tuple[str, Any]] = []
+    arrived = threading.Event()
+
+    def on_done(done: Any, stats: Any) -> None:
+        results.append(("done", (done.request_id, done.first_token_id, stats.nbytes)))
+        arrived.set()
+
+    def on_failed(request_id: str, error: str) -> None:
+        results.append(("failed", (request_id, error)))
+        arrived.set()
+
+    rx = make_receiver("cuda_ipc", LAYOUT, caches, on_done, on_failed, SECRET)
+    conn.send(rx.endpoint)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        rid, blocks, skip, num_tokens = msg
+        rx.expect(rid, blocks, skip)
+        conn.send("expecting")
+        assert arrived.wait(30), "no completion"
+        arrived.clear()
+        kind, detail = results.pop()
+        slots = slots_for(blocks, LAYOUT.block_size, skip, num_tokens)
+        landed = read_kv(caches, 0, LAYOUT.num_layers, slots).cpu()
+        conn.send((kind, detail, landed))
+    rx.close()
+
+
+def prefill_request(rid: str, num_tokens: int, blocks: list[int], job: PrefillJob) -> Request:
+    req = Request(rid, list(range(num_tokens)), SamplingParams(max_tokens=1), 1, None)
+    req.block_table = blocks
+    req.kv_job = job
+    return req
+
+
+@pytest.mark.parametrize("skip", [0, 16])
+def test_cuda_ipc_push_through_the_streamer(skip: int) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=receiver_main, args=(child,), daemon=True)
+    proc.start()
+    try:
+        host, port = parent.recv()
+        torch.manual_seed(skip)
+        src = [torch.randn(2, 40, 16, 2, 64, device="cuda").bfloat16() for _ in range(LAYOUT.num_layers)]
+        src_blocks = torch.randperm(40)[:7].tolist()  # our (prefill side) blocks, shuffled
+        dst_blocks = torch.randperm(NUM_BLOCKS)[:7].tolist()  # the reserved blocks on the decode side
+        num_tokens = 100
+        parent.send(("r1", dst_blocks, skip, num_tokens))
+        assert parent.recv() == "expecting"
+
+        job = PrefillJob("r1", [], {}, "d0", host, port, dst_blocks, skip, time.time() + 30, LAYOUT)
+        sender = make_sender("cuda_ipc", LAYOUT, "p0", SECRET)
+        streamer = KVStreamer(sender, src, LAYOUT.block_size, layers_per_chunk=3)  # groups of 3 and 1
+        req = prefill_request("r1", num_tokens, src_blocks, job)
+        for chunk in (60, num_tokens - 60):  # a chunked prefill: two steps
+            hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
+            assert hook is not None
+            for layer in range(LAYOUT.num_layers):
+                hook(layer)
+            req.num_computed_tokens += chunk
+        streamer.send_first_token(req, 42, None)
+
+        kind, detail, landed = parent.recv()
+        assert kind == "done", detail
+        expected_bytes = (num_tokens - skip) * LAYOUT.bytes_per_token
+        assert detail == ("r1", 42, expected_bytes)
+        sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
+        assert torch.equal(landed, sent)
+        sender.close()
+    finally:
+        parent.send(None)
+        proc.join(30)

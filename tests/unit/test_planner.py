@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import dataclasses
+
+from pdserve.bench.report import SLO
+from pdserve.bench.workload import LengthSampler
+from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.planner import PlanWorkload, plan
+from pdserve.planner.simulator import Deployment
+
+# An 8B-class model on one H100-class GPU (the shape of benchmarks/perf/llama3-8b-h100-modelled.json).
+GPU = PerfModel(
+    name="8B on H100 (modelled)", source="modelled", kv_bytes_per_token=131072, num_layers=32,
+    overhead_s=1e-3, prefill_token_s=2.9e-5, attn_pair_s=2.4e-10, decode_seq_s=2.9e-5,
+    decode_ctx_s=4.4e-8, weights_read_s=5.35e-3, transfer_overhead_s=5e-4,
+)  # fmt: skip
+BASE = Deployment(colocated=1, max_num_batched_tokens=2048, max_num_seqs=128)
+
+
+def workload(sampler: LengthSampler, n: int = 60) -> PlanWorkload:
+    return dataclasses.replace(PlanWorkload.from_sampler(sampler, n, seed=1), max_requests=600)
+
+
+def test_short_prompts_stay_colocated() -> None:
+    wl = workload(LengthSampler("fixed", prompt_len=128, output_len=128))
+    result = plan(GPU, wl, SLO(0.5, 0.05), 2, "nvlink", base=BASE)
+    assert not result.disaggregate, result.candidates
+    assert "--colocated 2" in result.command
+    assert any("prompts: median 128" in r for r in result.reasons)
+
+
+def test_long_prompts_with_a_tight_tpot_disaggregate_on_nvlink() -> None:
+    wl = workload(LengthSampler("fixed", prompt_len=6000, output_len=256))
+    # Co-located, a 2048-token chunk shares each step with the decodes and breaks a 12 ms TPOT.
+    result = plan(GPU, wl, SLO(3.0, 0.012), 2, "nvlink", base=BASE)
+    assert result.disaggregate, result.candidates
+    assert result.best.deployment.prefill >= 1
+    assert "--prefill" in result.command
+
+
+def test_the_same_long_prompts_stay_colocated_over_slow_tcp() -> None:
+    wl = workload(LengthSampler("fixed", prompt_len=6000, output_len=256))
+    # 6000 tokens of 128 KiB over 1.2 GB/s is 0.65 s of transfer per request.
+    result = plan(GPU, wl, SLO(0.6, 0.02), 2, "tcp", base=BASE)
+    assert not result.disaggregate, result.candidates
+
+
+def test_plan_cli_prints_and_writes_the_plan(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from pdserve.cli import main
+
+    perf = tmp_path / "perf.json"
+    GPU.save(perf)
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--perf", str(perf), "--workload", "fixed", "--prompt-len", "128", "--output-len", "64",
+            "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--gpus", "2", "--fabric", "rdma",
+            "--num-requests", "40", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["disaggregate"] is False
+    assert [c["deployment"] for c in result["candidates"]] == ["colocated x2", "1P1D", "conditional 1P1D"]
+    assert "pdserve serve" in capsys.readouterr().out

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+
+from pdserve.bench.report import summarize
+from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.simulator import Deployment, SimRequest, simulate, simulate_with_stats
+from pdserve.workers.disagg_policy import DisaggPolicy
+
+# Round numbers: 10 ms per step, 1 ms per prompt token, 2 ms per decode sequence, no attention term.
+PERF = PerfModel(
+    name="toy", source="modelled", kv_bytes_per_token=1000, num_layers=10, overhead_s=0.010,
+    prefill_token_s=0.001, attn_pair_s=0.0, decode_seq_s=0.002, decode_ctx_s=0.0,
+    links_gbps={"slow": 0.001}, transfer_overhead_s=0.005,
+)  # fmt: skip
+
+
+def test_one_request_colocated_ttft_is_its_prefill_and_itl_a_decode_step() -> None:
+    [r] = simulate(PERF, Deployment(colocated=1), [SimRequest(0, 1.0, 100, 5)])
+    assert r.ttft_s == pytest.approx(PERF.prefill_s(100))
+    assert r.itls_s == pytest.approx([PERF.decode_step_s(1, 100)] * 4)
+    assert r.output_tokens == 5
+
+
+def test_one_request_disaggregated_pays_the_transfer() -> None:
+    dep = Deployment(prefill=1, decode=1, fabric="slow")  # 1 MB/s: the transfer dominates
+    [r] = simulate(PERF, dep, [SimRequest(0, 0.0, 100, 3)])
+    transfer = PERF.transfer_s(100, "slow")
+    assert transfer == pytest.approx(0.105)
+    # Layer-wise streaming starts with the prefill, so the KV lands a transfer after the start.
+    assert r.ttft_s == pytest.approx(max(PERF.prefill_s(100) + transfer / 10, transfer))
+    assert r.itls_s == pytest.approx([PERF.decode_step_s(1, 101)] * 2)
+
+
+def test_chunked_prefill_splits_a_long_prompt_by_the_token_budget() -> None:
+    [r] = simulate(PERF, Deployment(colocated=1, max_num_batched_tokens=256), [SimRequest(0, 0.0, 600, 2)])
+    chunks = 3 * PERF.overhead_s + 600 * PERF.prefill_token_s
+    assert r.ttft_s == pytest.approx(chunks)
+
+
+def test_decode_only_load_itl_is_the_batched_step_time() -> None:
+    reqs = [SimRequest(i, 0.0, 1, 50) for i in range(8)]
+    results = simulate(PERF, Deployment(colocated=1), reqs)
+    itl = summarize(results)["itl_s"]
+    assert itl["p50"] == pytest.approx(PERF.decode_step_s(8, 8))
+
+
+def test_queueing_grows_ttft_past_saturation() -> None:
+    # Capacity: one 100-token prompt + 10 tokens out ~ 0.11 + 9 * 0.012 s alone; arrivals faster
+    # than that pile up.
+    def p99_ttft(rate: float) -> float:
+        reqs = [SimRequest(i, i / rate, 100, 10) for i in range(200)]
+        return float(summarize(simulate(PERF, Deployment(colocated=1), reqs))["ttft_s"]["p99"])
+
+    light, heavy = p99_ttft(1.0), p99_ttft(40.0)
+    assert light < 0.2
+    assert heavy > 10 * light
+
+
+def test_conditional_disaggregation_uses_the_decode_workers_policy() -> None:
+    policy = DisaggPolicy(threshold_tokens=256, max_queue_per_prefill_worker=4,
+                          link_bytes_per_s=1e9, kv_bytes_per_token=1000)  # fmt: skip
+    dep = Deployment(prefill=1, decode=1, policy=policy, fabric="slow")
+    reqs = [SimRequest(0, 0.0, 100, 2), SimRequest(1, 5.0, 1000, 2)]
+    _, decisions = simulate_with_stats(PERF, dep, reqs)
+    assert decisions == {"local": 1, "remote": 1}
+
+
+def test_a_deployment_is_colocated_or_disaggregated() -> None:
+    with pytest.raises(ValueError):
+        Deployment(colocated=1, decode=1)
+    with pytest.raises(ValueError):
+        Deployment(prefill=1)
+    assert Deployment(prefill=2, decode=3).gpus == 5
