@@ -9,6 +9,7 @@ Bookkeeping (what is expected, what arrived) stays here; transports only move by
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -130,7 +131,8 @@ def read_kv(
 
 
 class KVReceiver(ABC):
-    """Decode side."""
+    """Decode side. The bookkeeping (which requests are expected, where their KV lands, whether all
+    of it arrived) lives here; a transport only brings chunks in and calls finish_prefill."""
 
     def __init__(
         self, layout: KVLayout, kv_caches: list[torch.Tensor], on_done: OnDone, on_failed: OnFailed
@@ -139,17 +141,40 @@ class KVReceiver(ABC):
         self.kv_caches = kv_caches
         self.on_done = on_done
         self.on_failed = on_failed
+        self._lock = threading.Lock()
+        self._expected: dict[str, Expectation] = {}
 
     @property
     @abstractmethod
     def endpoint(self) -> tuple[str, int]: ...
 
-    @abstractmethod
-    def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None: ...
+    def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
+        with self._lock:
+            self._expected[request_id] = Expectation(
+                request_id, dst_block_ids, skip_tokens, self.layout.num_layers
+            )
 
-    @abstractmethod
     def cancel(self, request_id: str) -> None:
         """Forget the request; later pushes for it are refused and the sender told to abort."""
+        self._pop(request_id)
+
+    def _pop(self, request_id: str) -> Expectation | None:
+        with self._lock:
+            return self._expected.pop(request_id, None)
+
+    def finish_prefill(self, done: PrefillDone) -> None:
+        """The sender's last word on a request: report it complete, or failed if KV is missing.
+        Reported even when no longer expected, since the owner may hold blocks until the writer stops."""
+        exp = self._pop(done.request_id)
+        if exp is None:
+            self.on_failed(done.request_id, "prefill finished after the request was given up")
+            return
+        missing = exp.missing(done.num_tokens)
+        if missing:
+            self.on_failed(done.request_id, f"incomplete KV transfer: {missing}")
+            return
+        seconds = time.monotonic() - exp.first_arrival if exp.first_arrival is not None else 0.0
+        self.on_done(done, TransferStats(done.request_id, exp.nbytes, seconds))
 
     @abstractmethod
     def close(self) -> None: ...

@@ -4,18 +4,15 @@ Chunks are scattered into the receiver's cache synchronously; no bytes are seria
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import torch
 
 from pdserve.kv_transfer.base import (
-    Expectation,
     KVReceiver,
     KVSender,
     OnDone,
     OnFailed,
-    TransferStats,
     slots_for,
     write_kv,
 )
@@ -31,8 +28,6 @@ class LocalKVReceiver(KVReceiver):
         self, layout: KVLayout, kv_caches: list[torch.Tensor], on_done: OnDone, on_failed: OnFailed
     ) -> None:
         super().__init__(layout, kv_caches, on_done, on_failed)
-        self._lock = threading.Lock()
-        self._expected: dict[str, Expectation] = {}
         with _REGISTRY_LOCK:
             self._port = next(_next_port)
             _REGISTRY[self._port] = self
@@ -40,16 +35,6 @@ class LocalKVReceiver(KVReceiver):
     @property
     def endpoint(self) -> tuple[str, int]:
         return "local", self._port
-
-    def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
-        with self._lock:
-            self._expected[request_id] = Expectation(
-                request_id, dst_block_ids, skip_tokens, self.layout.num_layers
-            )
-
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._expected.pop(request_id, None)
 
     def close(self) -> None:
         with _REGISTRY_LOCK:
@@ -72,21 +57,12 @@ class LocalKVReceiver(KVReceiver):
         return True
 
     def finish(self, done: PrefillDone | None, request_id: str, error: str | None = None) -> None:
-        with self._lock:
-            exp = self._expected.pop(request_id, None)
-        if exp is None:
-            # Reported anyway: the owner may hold blocks until the writer stops.
-            self.on_failed(request_id, "prefill ended after the request was given up")
+        if done is not None:
+            self.finish_prefill(done)
             return
-        if done is None:
-            self.on_failed(request_id, error or "prefill failed")
-            return
-        missing = exp.missing(done.num_tokens)
-        if missing:
-            self.on_failed(request_id, f"incomplete KV transfer: {missing}")
-            return
-        seconds = time.monotonic() - exp.first_arrival if exp.first_arrival is not None else 0.0
-        self.on_done(done, TransferStats(request_id, exp.nbytes, seconds))
+        # Reported even when no longer expected: the owner may hold blocks until the writer stops.
+        self._pop(request_id)
+        self.on_failed(request_id, error or "prefill failed")
 
 
 class LocalKVSender(KVSender):

@@ -26,7 +26,6 @@ from pdserve.kv_transfer.base import (
     KVTransferError,
     OnDone,
     OnFailed,
-    TransferStats,
     read_kv,
     slots_for,
     write_kv,
@@ -64,8 +63,6 @@ class SocketKVReceiver(KVReceiver):
         super().__init__(layout, kv_caches, on_done, on_failed)
         self.secret = secret
         self.shm_name = shm_name
-        self._lock = threading.Lock()
-        self._expected: dict[str, Expectation] = {}
         self._listener = socket.create_server((host, port))
         self._host = host
         self._port = self._listener.getsockname()[1]
@@ -76,16 +73,6 @@ class SocketKVReceiver(KVReceiver):
     @property
     def endpoint(self) -> tuple[str, int]:
         return self._host, self._port
-
-    def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
-        with self._lock:
-            self._expected[request_id] = Expectation(
-                request_id, dst_block_ids, skip_tokens, self.layout.num_layers
-            )
-
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._expected.pop(request_id, None)
 
     def close(self) -> None:
         self._closed = True
@@ -142,10 +129,6 @@ class SocketKVReceiver(KVReceiver):
         finally:
             conn.close()
 
-    def _pop(self, request_id: str) -> Expectation | None:
-        with self._lock:
-            return self._expected.pop(request_id, None)
-
     def _on_chunk(self, conn: socket.socket, chunk: KVLayerChunk, refused: set[str]) -> None:
         payload = self._receive_payload(conn, chunk)
         with self._lock:
@@ -196,16 +179,7 @@ class SocketKVReceiver(KVReceiver):
         write_kv(self.kv_caches, chunk.layer_start, slots, kv)
 
     def _on_prefill_done(self, done: PrefillDone) -> None:
-        exp = self._pop(done.request_id)
-        if exp is None:
-            self.on_failed(done.request_id, "prefill finished after the request was given up")
-            return
-        missing = exp.missing(done.num_tokens)
-        if missing:
-            self.on_failed(done.request_id, f"incomplete KV transfer: {missing}")
-            return
-        seconds = time.monotonic() - exp.first_arrival if exp.first_arrival is not None else 0.0
-        self.on_done(done, TransferStats(done.request_id, exp.nbytes, seconds))
+        self.finish_prefill(done)
 
 
 @dataclass

@@ -42,8 +42,8 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def shm_segments() -> set[str]:
-    return set(glob.glob("/dev/shm/pdserve_kv_*"))
+def shm_segments(tag: str = "") -> set[str]:
+    return set(glob.glob(f"/dev/shm/pdserve_kv_{tag}*"))
 
 
 class Deployment:
@@ -74,6 +74,14 @@ class Deployment:
             if time.monotonic() > deadline:
                 raise AssertionError(f"blocks still held after {timeout_s} s: {usage}")
             time.sleep(0.1)
+
+    def shm_tag(self) -> str:
+        """The tag the launcher gave this deployment's shared-memory segments (from a worker's argv)."""
+        for pid in children_of(self.proc.pid):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--shm-tag" in args:
+                return args[args.index(b"--shm-tag") + 1].decode()
+        raise AssertionError("no worker process found")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))

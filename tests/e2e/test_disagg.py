@@ -56,12 +56,14 @@ def expected(hf: PreTrainedModel, loaded: LoadedModel, prompt: list[int], n: int
 
 @pytest.fixture(scope="module")
 def shm_dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    before = shm_segments()
     with deployment(
         tmp_path_factory.mktemp("shm"), "--prefill", "1", "--decode", "1", "--transport", "shm", *FLAGS
     ) as dep:
+        tag = dep.shm_tag()
+        assert shm_segments(tag), "the decode worker's KV cache is not in shared memory"
         yield dep
-    assert shm_segments() == before, "shared-memory segments left behind"
+    # Only this deployment's segments: other deployments may run beside this test.
+    assert not shm_segments(tag + "_"), "shared-memory segments left behind"
 
 
 def test_remote_prefill_matches_transformers_and_moves_the_whole_kv(
