@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -196,9 +197,7 @@ class LLMEngine:
 
     def add_prefill_job(self, job: PrefillJob) -> None:
         """Prefill side: run the prompt, ship its KV as it is computed, sample the first token."""
-        from dataclasses import replace
-
-        params = replace(SamplingParams(**job.params), max_tokens=1, min_tokens=0, n=1)
+        params = dataclasses.replace(SamplingParams(**job.params), max_tokens=1, min_tokens=0, n=1)
         self.validate(job.prompt_token_ids, params)
         req = Request(
             job.request_id, job.prompt_token_ids, params, 1, make_generator(params.seed, self.device)

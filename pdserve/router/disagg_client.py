@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -68,7 +68,6 @@ class RequestEvents:
     kv_bytes: int = 0
     kv_seconds: float = 0.0
     enqueued: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     # Phase timestamps (time.monotonic()) for the per-request timeline a benchmark client draws.
     arrival: float = 0.0
     routed: float = 0.0

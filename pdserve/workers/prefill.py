@@ -51,7 +51,6 @@ class PrefillWorker:
         )
         self._jobs: dict[str, PrefillJob] = {}  # in flight here
         self._puller: asyncio.Task[None] | None = None
-        self.jobs_done = 0
         self.llm.on_tick = self._tick
 
     def start(self) -> None:
@@ -136,9 +135,9 @@ class PrefillWorker:
         self._jobs[job.request_id] = job
 
     def _tick(self, eng: LLMEngine) -> None:
+        # A job whose request the engine has finished needs no terminal message on abort any more.
         for rid in [r for r in self._jobs if r not in eng.scheduler.requests]:
             del self._jobs[rid]
-            self.jobs_done += 1
 
     # ---- aborts: from the router, from the decode side, or a broken link ----
 
