@@ -15,15 +15,11 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from serve_proc import Server, decisions
 
 from pdserve.bench.client import RequestResult, run
 from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, summarize
@@ -63,60 +59,6 @@ CONFIGS = {
     ],
 }
 VOCAB = 49152
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, flags: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pdserve.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            *flags,
-        ]
-        self.log = open(log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not come up")
-            time.sleep(0.5)
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=10).text
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
-        self.log.close()
-
-
-def decisions(metrics_text: str) -> dict[str, float]:
-    out = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("pdserve_disagg_decisions_total{"):
-            label = line.split('path="')[1].split('"')[0]
-            out[label] = float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def main() -> None:

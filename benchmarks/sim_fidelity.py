@@ -2,10 +2,14 @@
 each measured run's requests (same send times, same lengths) through pdserve's simulator and prints
 predicted vs measured p50/p99 TTFT and ITL with the error (target: within 20%).
 
-    .venv/bin/pdserve profile --model smollm2 --cpus 0 --threads 1 --json perf-1core.json
+    .venv/bin/pdserve profile --model smollm2 --cpus 0 --threads 1 --clock cpu --json perf-1core.json
     .venv/bin/pdserve profile --model smollm2 --cpus 0-1 --threads 2 --json perf-2core.json
-    .venv/bin/python benchmarks/sim_fidelity.py --measured results/bimodal \\
-        --perf perf-1core.json --perf-colocated perf-2core.json
+    .venv/bin/python benchmarks/sim_fidelity.py --measured results/bimodal results/bimodal_low \\
+        --perf perf-1core.json --perf-colocated perf-2core.json \\
+        --calibrate colocated@0.15 --calibrate 1P1D@0.15 --phases
+
+The serving cost outside the engine (per step and per streamed token) is fitted per deployment on
+the `--calibrate` runs, so the other runs are out of sample.
 
 The deployments mirror bimodal_cpu.py: `colocated` is one worker on two cores (chunked prefill,
 default scheduler: 512-token budget, 64 sequences); `1P1D` is one prefill and one decode worker on
@@ -20,12 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from pdserve.config import SchedulerConfig, WorkerConfig
-from pdserve.planner.fidelity import calibrate_serving_seq_s, compare, format_rows, load_runs
+from pdserve.planner.fidelity import calibrate_serving, compare, format_rows, load_runs, phase_medians, replay
 from pdserve.planner.perf_model import PerfModel
-from pdserve.planner.simulator import Deployment
+from pdserve.planner.simulator import Deployment, simulate
 from pdserve.workers.disagg_policy import DisaggPolicy
 
 
@@ -55,49 +60,48 @@ def deployments(perf: PerfModel, transport: str, threshold: int, max_local: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--measured", type=Path, required=True, help="directory of {config}@{rate}.requests.json")
+    ap.add_argument(
+        "--measured", type=Path, required=True, nargs="+", help="directories of {config}@{rate}.requests.json"
+    )
     ap.add_argument("--perf", type=Path, required=True, help="perf model of one worker core (1P1D workers)")
     ap.add_argument("--perf-colocated", type=Path, default=None, help="perf model of the co-located worker")
     ap.add_argument("--transport", default="shm", help="link of the 1P1D run (a measured one in --perf)")
     ap.add_argument(
-        "--serving-seq-ms",
-        type=float,
-        default=None,
-        help="per-sequence per-step serving cost outside the engine (overrides the perf files'); "
-        "see --calibrate",
-    )
-    ap.add_argument(
         "--calibrate",
-        default=None,
+        action="append",
+        default=[],
         metavar="RUN",
-        help="fit --serving-seq-ms on this measured run (e.g. colocated@0.5) and check the others",
+        help="fit the serving cost (per step and per streamed token, outside the engine) of RUN's "
+        "deployment on RUN's decode-only gaps, e.g. colocated@0.15; once per deployment",
     )
+    ap.add_argument("--phases", action="store_true", help="also compare the remote prefills' phase medians")
     # bimodal_cpu.py's 1P1D flags
     ap.add_argument("--remote-prefill-threshold", type=int, default=32)
     ap.add_argument("--max-local-prefill-tokens", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    perf = PerfModel.load(args.perf)
-    perf_colo = PerfModel.load(args.perf_colocated) if args.perf_colocated else perf
-    runs = load_runs(args.measured)
-    if args.calibrate is not None:
-        config, _, rate = args.calibrate.partition("@")
-        serving = calibrate_serving_seq_s(
-            runs[(config, float(rate))], perf_colo if config == "colocated" else perf
-        )
-        print(f"calibrated on {args.calibrate}: serving cost {serving * 1e3:.1f} ms per sequence per step")
-    else:
-        serving = args.serving_seq_ms / 1e3 if args.serving_seq_ms is not None else None
-    if serving is not None:
-        perf, perf_colo = (dataclasses.replace(p, serving_seq_s=serving) for p in (perf, perf_colo))
-    deps = deployments(perf, args.transport, args.remote_prefill_threshold, args.max_local_prefill_tokens)
+    perfs = {"1P1D": PerfModel.load(args.perf)}
+    perfs["colocated"] = PerfModel.load(args.perf_colocated) if args.perf_colocated else perfs["1P1D"]
+    runs = {key: res for d in args.measured for key, res in load_runs(d).items()}
+    for run in args.calibrate:
+        config, _, rate = run.partition("@")
+        step, seq = calibrate_serving(runs[(config, float(rate))], perfs[config])
+        perfs[config] = dataclasses.replace(perfs[config], serving_step_s=step, serving_seq_s=seq)
+        print(f"calibrated on {run}: serving {step * 1e3:.1f} ms per step + {seq * 1e3:.1f} ms per token")
+    deps = deployments(
+        perfs["1P1D"], args.transport, args.remote_prefill_threshold, args.max_local_prefill_tokens
+    )
     rows = []
-    for (config, rate), results in runs.items():
+    for (config, rate), results in sorted(runs.items()):
         if config not in deps:
             print(f"skipping {config}@{rate}: no simulated counterpart")
             continue
-        model = perf_colo if config == "colocated" else perf
-        rows += compare(results, model, deps[config], config, rate)
+        rows += compare(results, perfs[config], deps[config], config, rate)
+        if args.phases and config == "1P1D":
+            predicted = simulate(perfs[config], deps[config], replay(results))
+            m, p = phase_medians(results), phase_medians(predicted)
+            print(f"{config}@{rate} remote-prefill phase medians (measured / predicted s): "
+                  + ", ".join(f"{k} {m[k]:.3f} / {p.get(k, math.nan):.3f}" for k in m))  # fmt: skip
     if not rows:
         raise SystemExit(f"no {{colocated,1P1D}}@RATE.requests.json in {args.measured}")
     print(format_rows(rows))

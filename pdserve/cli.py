@@ -19,6 +19,7 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from pdserve import aio
 from pdserve.cli_args import add_dataclass_args, dataclass_from_args, dataclass_to_argv
 from pdserve.config import (
     PER_WORKER_FIELDS,
@@ -70,8 +71,15 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--colocated", type=int, default=0, metavar="N", help="colocated workers (default: %(default)s)"
     )
     dep.add_argument(
-        "--transport", choices=("shm", "tcp"), default="shm", help="KV transport (default: %(default)s)"
-    )
+        "--transport", choices=("auto", "shm", "cuda_ipc", "nccl", "tcp"), default="auto",
+        help="KV transport between workers (default: %(default)s: cuda_ipc on GPUs, shm on CPUs; "
+        "nccl is for GPUs on different hosts)",
+    )  # fmt: skip
+    dep.add_argument(
+        "--gpus", default=None, metavar="LIST",
+        help="GPUs to spread the workers over, e.g. '0,1' (default: all visible, when on GPU); "
+        "workers sharing a GPU split --gpu-memory-utilization",
+    )  # fmt: skip
     dep.add_argument(
         "--routing", choices=("kv_aware", "round_robin"), default="kv_aware", help="decode-worker choice"
     )
@@ -150,7 +158,7 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         parser.error(str(exc))  # exits with status 2, like any other bad flag
     _setup_logging(server_cfg.log_level)
     if args.inprocess:
-        asyncio.run(_serve(engine_cfg, server_cfg))
+        aio.run(_serve(engine_cfg, server_cfg))
         return 0
     from pdserve.launch.serve import serve_deployment
 

@@ -82,7 +82,7 @@ class SchedulerConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "torch_ref", "triton")
-KV_TRANSPORTS = ("shm", "tcp", "local", "cuda_ipc")
+KV_TRANSPORTS = ("shm", "tcp", "local", "cuda_ipc", "nccl")
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,10 @@ class WorkerConfig:
     port: int = field(default=0, metadata=_help("internal API port (0: any free port)"))
     kv_transport: str = field(
         default="tcp",
-        metadata=_help("KV transfer: shm (same host, CPU) | cuda_ipc (same host, GPU) | tcp | local"),
+        metadata=_help(
+            "KV transfer: shm (same host, CPU) | cuda_ipc (same host, GPU) | nccl (GPUs on any hosts; "
+            "gloo for a CPU cache) | tcp | local"
+        ),
     )
     kv_port: int = field(default=0, metadata=_help("KV channel port of a decode worker (0: any free port)"))
     kv_wire_dtype: str = field(
@@ -184,9 +187,9 @@ class WorkerConfig:
             raise ValueError(f"kv_transport must be {'|'.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         if self.kv_wire_dtype not in ("native", "bfloat16", "fp8"):
             raise ValueError(f"kv_wire_dtype must be native|bfloat16|fp8, got {self.kv_wire_dtype!r}")
-        if self.kv_transport in ("shm", "cuda_ipc") and self.kv_wire_dtype != "native":
+        if self.kv_transport in ("shm", "cuda_ipc", "nccl") and self.kv_wire_dtype != "native":
             raise ValueError(
-                f"kv_wire_dtype applies to tcp only: {self.kv_transport} writes the cache dtype in place"
+                f"kv_wire_dtype applies to tcp only: {self.kv_transport} moves the cache dtype as it is"
             )
         if self.kv_timeout_s <= 0:
             raise ValueError(f"kv_timeout_s must be > 0, got {self.kv_timeout_s}")

@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(ValueError):
@@ -204,7 +204,7 @@ class KVHello:
     protocol_version: int
     worker_id: str
     layout: KVLayout
-    transport: str  # "tcp" | "shm" | "cuda_ipc"
+    transport: str  # "tcp" | "shm" | "cuda_ipc" | "nccl"
     mac: bytes  # HMAC-SHA256(secret, challenge || worker_id)
 
 
@@ -212,6 +212,16 @@ class KVHello:
 class KVChallenge:
     nonce: bytes
     protocol_version: int
+
+
+@dataclass
+class NcclRendezvous:
+    """Transport nccl: where the prefill side meets the decode side to form the connection's 2-rank
+    torch.distributed process group (see kv_transfer/nccl.py)."""
+
+    store_port: int  # a TCPStore the decode worker hosts on its KV host
+    prefix: str  # this connection's keys in that store (random per connection)
+    backend: str  # "nccl" (CUDA caches) | "gloo" (CPU caches)
 
 
 @dataclass
@@ -223,6 +233,7 @@ class KVHelloAck:
     # Transport cuda_ipc: per layer, the CUDA IPC handle fields of the decode worker's cache tensor
     # (raw bytes and ints; see kv_transfer/cuda_ipc.py).
     cuda_ipc: list[list[Any]] | None = None
+    nccl: NcclRendezvous | None = None  # transport nccl
 
 
 @dataclass
@@ -271,57 +282,71 @@ _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
         KVLayout, WorkerInfo, WorkerLoad, GenerateRequest, PrefillJob, TokenChunk, AbortRequest,
-        KVHello, KVChallenge, KVHelloAck, KVLayerChunk, PrefillDone, PrefillFailed, PrefillJobPull,
+        KVHello, KVChallenge, KVHelloAck, NcclRendezvous, KVLayerChunk, PrefillDone, PrefillFailed,
+        PrefillJobPull,
     )
 }  # fmt: skip
 
 T = TypeVar("T")
 
 
-def _to_plain(obj: Any) -> Any:
+def _pack_default(obj: Any) -> Any:
+    """msgpack calls this for what it cannot pack itself: our dataclasses, tagged with their type.
+    Lists of ids and numbers are packed natively (in C), which keeps a 4k-token prompt cheap."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            "__t": type(obj).__name__,
-            **{f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
-        }
-    if isinstance(obj, list | tuple):
-        return [_to_plain(x) for x in obj]
-    return obj
+        out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        out["__t"] = type(obj).__name__
+        return out
+    raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
-def _from_plain(obj: Any) -> Any:
-    if isinstance(obj, dict) and "__t" in obj:
-        name = obj["__t"]
-        cls = _TYPES.get(name)
-        if cls is None:
-            raise ProtocolError(f"unknown message type {name!r}")
-        fields = {k: _from_plain(v) for k, v in obj.items() if k != "__t"}
-        try:
-            return cls(**fields)
-        except TypeError as e:
-            raise ProtocolError(f"malformed {name}: {e}") from None
-    if isinstance(obj, list):
-        return [_from_plain(x) for x in obj]
-    return obj
+class _Malformed(Exception):
+    pass
+
+
+def _unpack_hook(obj: dict[Any, Any]) -> Any:
+    """msgpack calls this for every map, innermost first: tagged maps become their dataclass."""
+    name = obj.pop("__t", None)
+    if name is None:
+        return obj
+    cls = _TYPES.get(name)
+    if cls is None:
+        raise _Malformed(f"unknown message type {name!r}")
+    try:
+        return cls(**obj)
+    except TypeError as e:
+        raise _Malformed(f"malformed {name}: {e}") from None
 
 
 def encode(msg: Any) -> bytes:
     if type(msg).__name__ not in _TYPES:
         raise ProtocolError(f"not a wire message: {type(msg).__name__}")
-    return msgpack.packb([PROTOCOL_VERSION, _to_plain(msg)], use_bin_type=True)
+    return msgpack.packb([PROTOCOL_VERSION, msg], default=_pack_default, use_bin_type=True)
 
 
 def decode(data: bytes, expect: type[T] | None = None) -> T:
     try:
-        version, body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        version, msg = msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=_unpack_hook)
+    except _Malformed as e:
+        # Another version's messages may not fit our classes: say so rather than "malformed".
+        _check_version(data)
+        raise ProtocolError(str(e)) from None
     except (ValueError, msgpack.UnpackException, TypeError) as e:
         raise ProtocolError(f"undecodable message: {e}") from None
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} != ours ({PROTOCOL_VERSION})")
-    msg = _from_plain(body)
     if expect is not None and not isinstance(msg, expect):
         raise ProtocolError(f"expected {expect.__name__}, got {type(msg).__name__}")
     return msg  # type: ignore[no-any-return]
+
+
+def _check_version(data: bytes) -> None:
+    try:
+        version = msgpack.unpackb(data, raw=False, strict_map_key=False)[0]
+    except (ValueError, msgpack.UnpackException, TypeError, IndexError, KeyError):
+        return
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} != ours ({PROTOCOL_VERSION})")
 
 
 # Length-prefixed frames for streams of messages (HTTP bodies, sockets).

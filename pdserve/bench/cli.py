@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from pdserve.bench.client import RequestResult, run
+from pdserve.bench.client import RequestResult, run_sharded
 from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, summarize
 from pdserve.bench.workload import WORKLOADS, LengthSampler, RequestSpec, load_trace, synthetic
 
@@ -100,6 +99,10 @@ def add_bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plots", type=Path, default=None, help="write CDF, attainment and timeline plots here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--client-procs", type=int, default=1,
+        help="client processes sharing the load (raise it past a few thousand streamed tokens/s)",
+    )  # fmt: skip
     add_workload_args(p)
     p.set_defaults(handler=lambda args: run_bench(p, args))
 
@@ -119,11 +122,10 @@ def _one_run(args: argparse.Namespace, model: str, rate: float | None) -> list[R
     else:
         n = args.num_requests or 100
     specs = build_specs(args, rate, n, args.vocab_size)
-    return asyncio.run(
-        run(
-            args.base_url, specs, model, concurrency=args.concurrency, api_key=args.api_key,
-            progress=not args.no_progress, stop_after_s=args.duration,
-        )
+    return run_sharded(
+        args.base_url, specs, model, args.client_procs, concurrency=args.concurrency,
+        api_key=args.api_key, progress=not args.no_progress and args.client_procs <= 1,
+        stop_after_s=args.duration,
     )  # fmt: skip
 
 

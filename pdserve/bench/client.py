@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -97,10 +98,12 @@ async def run(
     extra_body: dict[str, object] | None = None,
     progress: bool = False,
     stop_after_s: float | None = None,
+    start_at: float | None = None,
 ) -> list[RequestResult]:
     """Send every request at its arrival time (or keep `concurrency` in flight) and wait for all.
     stop_after_s: launch nothing after that many seconds (a duration-bound run); requests not
-    launched are left out of the results."""
+    launched are left out of the results. start_at: wall-clock time (time.time()) of the run's
+    start, so that several client processes share one clock."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
@@ -112,6 +115,8 @@ async def run(
     async with httpx.AsyncClient(
         base_url=base_url, headers=headers, timeout=timeout_s, limits=limits
     ) as client:
+        if start_at is not None:
+            await asyncio.sleep(max(start_at - time.time(), 0.0))
         t0 = time.monotonic()
 
         def too_late() -> bool:
@@ -138,3 +143,40 @@ async def run(
     if bar is not None:
         bar.close()
     return [r for r in results if r is not None]
+
+
+def _shard(
+    base_url: str, specs: list[RequestSpec], model: str, kwargs: dict[str, Any]
+) -> list[RequestResult]:
+    return asyncio.run(run(base_url, specs, model, **kwargs))
+
+
+def run_sharded(
+    base_url: str,
+    specs: list[RequestSpec],
+    model: str,
+    procs: int,
+    concurrency: int | None = None,
+    **kwargs: Any,
+) -> list[RequestResult]:
+    """`run` split over `procs` client processes (round-robin over the requests, one shared start
+    time). A single Python client parses every streamed token; past a few thousand tokens/s it
+    would measure its own lag, not the server's."""
+    if procs <= 1:
+        return asyncio.run(run(base_url, specs, model, concurrency=concurrency, **kwargs))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Time for the processes to start and import before the first arrival.
+    kwargs["start_at"] = time.time() + 2.0 + 0.25 * procs
+    shards = [specs[i::procs] for i in range(procs)]
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(
+                _shard, base_url, shard, model,
+                kwargs | {"concurrency": -(-concurrency // procs) if concurrency else None},
+            )
+            for shard in shards
+        ]  # fmt: skip
+        results = [r for f in futures for r in f.result()]
+    return sorted(results, key=lambda r: r.index)

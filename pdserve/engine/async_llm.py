@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pdserve.config import EngineConfig
 from pdserve.engine.client import EngineStats
-from pdserve.engine.engine import KVCacheFactory, LLMEngine
+from pdserve.engine.engine import KVCacheFactory, LLMEngine, use_device
 from pdserve.engine.loader import LoadedModel
 from pdserve.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
@@ -156,6 +156,7 @@ class AsyncLLM:
             self.deliver(out)
 
     def _run(self) -> None:
+        use_device(self.engine.device)
         while not self._stop.is_set():
             self._drain_calls(block=not self.engine.has_unfinished())
             if self.on_tick is not None:

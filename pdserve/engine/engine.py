@@ -27,9 +27,20 @@ from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Left free on a GPU beyond the KV cache: prefill activations of a full token budget, logits and
+# the CUDA-graph pools (an 8B model at 8k batched tokens peaks near 1 GiB).
+_GPU_ACTIVATION_HEADROOM_BYTES = 2 * 2**30
+
 
 # (arch, num_blocks, block_size, dtype, device) -> one cache tensor per layer; e.g. in shared memory.
 KVCacheFactory = Callable[[ModelArch, int, int, torch.dtype, torch.device], list[torch.Tensor]]
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` the calling thread's current GPU: Triton kernels, events and graph capture use
+    the current device, which is per thread and cuda:0 by default."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 class ContextLengthError(ValueError):
@@ -57,6 +68,7 @@ class LLMEngine:
         kv_cache_factory: KVCacheFactory | None = None,
     ) -> None:
         self.config = config
+        use_device(config.model.resolved_device())
         loaded = loaded if loaded is not None else load_model(config.model)
         self.model_name = config.model.served_model_name or loaded.name
         self.tokenizer = loaded.tokenizer
@@ -115,8 +127,12 @@ class LLMEngine:
             # Blocks the allocator caches but no tensor holds count as free.
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = total * (1 - self.config.cache.gpu_memory_utilization)
-            return int(max(free - reserve, 0))
+            # This worker may hold `gpu_memory_utilization` of the GPU in all, its weights included
+            # (workers sharing a GPU each get a share), and never more than is free now less room
+            # for activations and graph pools: another process may hold the rest.
+            mine = torch.cuda.memory_reserved(self.device)
+            limit = total * self.config.cache.gpu_memory_utilization - mine
+            return int(max(min(limit, free - _GPU_ACTIVATION_HEADROOM_BYTES), 0))
         return int(self.config.cache.kv_cache_memory_gb * 2**30)
 
     # ---- requests in and out ----

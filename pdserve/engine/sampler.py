@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -143,11 +144,22 @@ def _exponential_race(
     return (probs / noise).argmax(dim=-1)  # [N]
 
 
+def host_list(t: torch.Tensor) -> list[Any]:
+    """t.tolist(), waiting for the GPU without the GIL: `.tolist()` on a CUDA tensor blocks until
+    the step is done while holding it, which starves every other thread of the worker (its HTTP
+    server streaming tokens, the KV transfer threads) for the whole step."""
+    if t.is_cuda:
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # releases the GIL
+    return t.tolist()  # type: ignore[no-any-return]
+
+
 def _to_output(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
     """Gather logprobs where asked and bring everything to the host in one transfer."""
     wanted_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
     if not wanted_rows:
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(params))
+        return SamplerOutput(token_ids=host_list(token_ids), logprobs=[None] * len(params))
 
     device = logits.device
     rows = _to_device(wanted_rows, torch.long, device)
@@ -157,14 +169,16 @@ def _to_output(logits: torch.Tensor, token_ids: torch.Tensor, params: list[Sampl
     top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)  # [M, K] each, most likely first
 
     # Pack ids and logprobs as float64 (exact for ids < 2**53) so one .tolist() is the only sync.
-    packed = torch.cat(
-        [
-            token_ids.double(),
-            sampled.double().flatten(),
-            top_ids.double().flatten(),
-            top_logprobs.double().flatten(),
-        ]
-    ).tolist()
+    packed = host_list(
+        torch.cat(
+            [
+                token_ids.double(),
+                sampled.double().flatten(),
+                top_ids.double().flatten(),
+                top_logprobs.double().flatten(),
+            ]
+        )
+    )
     return _unpack(packed, len(params), wanted_rows, num_top, params)
 
 

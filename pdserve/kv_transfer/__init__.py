@@ -1,5 +1,5 @@
 """KV transfer between prefill and decode workers: a connector interface split by side and
-one module per transport (local, shm, tcp; cuda_ipc on GPUs), imported lazily."""
+one module per transport (local, shm, tcp; cuda_ipc and nccl on GPUs), imported lazily."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def make_receiver(
         from pdserve.kv_transfer.cuda_ipc import CudaIpcKVReceiver
 
         return CudaIpcKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port)
+    if transport == "nccl":
+        from pdserve.kv_transfer.nccl import NcclKVReceiver
+
+        return NcclKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port)
     raise ValueError(f"unknown KV transport {transport!r} (choose: {', '.join(TRANSPORTS)})")
 
 
@@ -69,4 +73,8 @@ def make_sender(
         from pdserve.kv_transfer.cuda_ipc import CudaIpcKVSender
 
         return CudaIpcKVSender(layout, worker_id, secret, "native", on_error)
+    if transport == "nccl":
+        from pdserve.kv_transfer.nccl import NcclKVSender
+
+        return NcclKVSender(layout, worker_id, secret, "native", on_error)
     raise ValueError(f"unknown KV transport {transport!r} (choose: {', '.join(TRANSPORTS)})")

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from pdserve.kv_transfer.shm import SHM_PREFIX
+from pdserve.launch.placement import cpu_plan, gpu_plan
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def cpu_plan(num_workers: int, num_cpus: int) -> list[str]:
-    """Split the CPUs into contiguous, equal slices, one per worker (shared when too few)."""
-    if num_workers <= 0:
-        return []
-    if num_workers > num_cpus:
-        return [str(i % num_cpus) for i in range(num_workers)]
-    per = num_cpus // num_workers
-    return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i * per) for i in range(num_workers)]
 
 
 def _pdserve_command() -> list[str]:
@@ -77,6 +68,8 @@ class LocalDeployment:
     engine_args: list[str] = field(default_factory=list)  # model/cache/scheduler flags for every worker
     worker_args: list[str] = field(default_factory=list)  # extra `pdserve worker` flags
     pin_cpus: bool = False
+    gpus: list[int] | None = None  # CUDA devices to spread the workers over (None: CPU workers)
+    gpu_memory_utilization: float = 0.9  # of each GPU, split between the workers sharing it
     host: str = "127.0.0.1"
     log_dir: Path | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
@@ -95,9 +88,10 @@ class LocalDeployment:
             ["prefill"] * self.num_prefill + ["decode"] * self.num_decode + ["colocated"] * self.num_colocated
         )
         cpus = cpu_plan(len(roles), os.cpu_count() or 1) if self.pin_cpus else [None] * len(roles)
+        slots = gpu_plan(len(roles), self.gpus, self.gpu_memory_utilization) if self.gpus else None
         counts: dict[str, int] = {}
         self.workers = []
-        for role, cpu in zip(roles, cpus, strict=True):
+        for i, (role, cpu) in enumerate(zip(roles, cpus, strict=True)):
             counts[role] = counts.get(role, 0) + 1
             port = free_port(self.host)
             cmd = [
@@ -109,8 +103,16 @@ class LocalDeployment:
                 cmd += ["--router-url", self.router_url]
             if cpu is not None:
                 cmd += ["--cpus", cpu]
+            placement = []
+            if slots is not None:  # after the shared engine flags, so these win
+                placement = [
+                    "--device", f"cuda:{slots[i].gpu}",
+                    "--gpu-memory-utilization", f"{slots[i].memory_utilization:.4f}",
+                ]  # fmt: skip
             self.workers.append(
-                WorkerProc(role, f"http://{self.host}:{port}", cmd + self.engine_args + self.worker_args)
+                WorkerProc(
+                    role, f"http://{self.host}:{port}", cmd + self.engine_args + self.worker_args + placement
+                )
             )
         return self.workers
 

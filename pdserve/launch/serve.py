@@ -12,10 +12,11 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-from pdserve import envs
+from pdserve import aio, envs
 from pdserve.cli_args import dataclass_to_argv
 from pdserve.config import PER_WORKER_FIELDS, EngineConfig, ServerConfig, WorkerConfig
 from pdserve.launch.local import LocalDeployment, free_port
+from pdserve.launch.placement import parse_gpus, resolve_transport
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +41,21 @@ def serve_deployment(
 
         server_cfg = replace(server_cfg, port=port)
     num_workers = args.prefill + args.decode + args.colocated
+    gpus = deployment_gpus(engine_cfg, args.gpus)
+    transport = resolve_transport(args.transport, on_gpu=gpus is not None)
     pin = args.pin_cpus if args.pin_cpus is not None else (os.cpu_count() or 1) >= num_workers > 1
     router_host = "127.0.0.1" if server_cfg.host in ("0.0.0.0", "::") else server_cfg.host
     deployment = LocalDeployment(
         num_prefill=args.prefill,
         num_decode=args.decode,
         num_colocated=args.colocated,
-        transport=args.transport,
+        transport=transport,
         router_url=f"http://{router_host}:{port}",
         engine_args=engine_argv(engine_cfg),
         worker_args=dataclass_to_argv(worker_defaults, exclude=PER_WORKER_FIELDS),
         pin_cpus=pin,
+        gpus=gpus,
+        gpu_memory_utilization=engine_cfg.cache.gpu_memory_utilization,
         log_dir=Path(args.worker_log_dir) if args.worker_log_dir else None,
     )
     secret = os.environ.get("PDSERVE_SECRET") or secrets.token_hex(32)
@@ -59,12 +64,27 @@ def serve_deployment(
     try:
         deployment.start(secret)
         deployment.wait_healthy(WORKER_START_TIMEOUT_S)
-        asyncio.run(_serve_router(deployment, engine_cfg, server_cfg, secret.encode(), args.routing))
+        aio.run(_serve_router(deployment, engine_cfg, server_cfg, secret.encode(), args.routing))
     except KeyboardInterrupt:
         logger.info("interrupted: stopping the deployment")
     finally:
         deployment.stop()
         logger.info("deployment stopped")
+
+
+def deployment_gpus(engine_cfg: EngineConfig, spec: str | None) -> list[int] | None:
+    """The GPUs to spread the workers over, or None for CPU workers. `--device cuda:N` without
+    `--gpus` means that one GPU."""
+    device = engine_cfg.model.resolved_device()
+    if device.type != "cuda":
+        if spec is not None:
+            raise ValueError("--gpus needs the workers on GPUs (--device cuda or auto with a GPU)")
+        return None
+    import torch
+
+    if spec is None and device.index is not None:
+        spec = str(device.index)
+    return parse_gpus(spec, torch.cuda.device_count())
 
 
 async def _serve_router(

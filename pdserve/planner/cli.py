@@ -128,10 +128,26 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--cpus", default=None, help="pin to these CPUs first, e.g. '0' or '0-1'")
     p.add_argument("--prefill-tokens", default="64,256,512,2048", help="prompt lengths to time")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget (prompt chunk size)")
-    p.add_argument("--decode-batches", default="1,4,16", help="decode batch sizes to time")
+    p.add_argument(
+        "--decode-batches", default="1,2,3,4,5,6,8,12,16,24,32",
+        help="decode batch sizes to time (the step is interpolated between them)",
+    )  # fmt: skip
     p.add_argument("--decode-contexts", default="128,512", help="context per sequence for decode steps")
+    p.add_argument(
+        "--max-decode-tokens", type=int, default=8192,
+        help="largest batch x context timed per decode context (each is prefilled first)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mixed-context", type=int, default=1024,
+        help="one sequence this long among short ones, to time attention's padding (0: skip)",
+    )  # fmt: skip
     p.add_argument("--transports", default="local,shm,tcp", help="KV transports to time")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="cpu: time steps by the engine thread's CPU time, unaffected by other processes on "
+        "the core (one thread on a CPU only)",
+    )  # fmt: skip
     p.set_defaults(handler=lambda args: run_profile(args))
 
 
@@ -143,8 +159,9 @@ def run_profile(args: argparse.Namespace) -> int:
         prefill_tokens=[int(x) for x in args.prefill_tokens.split(",")],
         decode_batches=[int(x) for x in args.decode_batches.split(",")],
         decode_contexts=[int(x) for x in args.decode_contexts.split(",")],
+        max_decode_tokens=args.max_decode_tokens, mixed_long_context=args.mixed_context,
         transports=[x for x in args.transports.split(",") if x], repeats=args.repeats,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, clock=args.clock,
     )  # fmt: skip
     perf, raw = profile(spec)
     perf.save(args.json)

@@ -3,6 +3,9 @@ simulator and compare latency percentiles with what was measured."""
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import itertools
 import json
 import math
 import re
@@ -63,20 +66,67 @@ def compare(
     return rows
 
 
-def calibrate_serving_seq_s(results: list[RequestResult], perf: PerfModel) -> float:
-    """The per-sequence serving cost that makes the profiled decode step match the measured
-    inter-token gaps: for every gap, the requests decoding at that moment (their count and
-    context) give the engine's step; the median excess per sequence is the serving cost."""
-    spans = [(r.start + (r.ttft_s or 0.0), r.start + (r.e2e_s or 0.0), r.prompt_len) for r in results if r.ok]
-    excess = []
+def decode_gaps(results: list[RequestResult]) -> list[tuple[float, int, int, int]]:
+    """(seconds, batch, context tokens, longest context) of every inter-token gap during which
+    only decodes ran, i.e. no request of the run was between its arrival and its first token.
+    The batch is the requests streaming over the whole gap."""
+    ok = [r for r in results if r.ok]
+    tokens = {r.index: [r.start + t for t in r.chunk_times] for r in ok}
+    prefilling = [(r.start, r.start + (r.ttft_s or 0.0)) for r in ok]
+    gaps = []
+    for r in ok:
+        for a, b in itertools.pairwise(tokens[r.index]):
+            if any(t0 < b and t1 > a for t0, t1 in prefilling):
+                continue
+            # Context as the perf model counts it: the tokens whose KV exists before the step
+            # (the prompt and every token streamed so far but the last).
+            ctx = [
+                q.prompt_len + bisect.bisect_right(tokens[q.index], a) - 1
+                for q in ok
+                if tokens[q.index][0] <= a and tokens[q.index][-1] >= b
+            ]
+            gaps.append((b - a, len(ctx), sum(ctx), max(ctx)))
+    return gaps
+
+
+def calibrate_serving(results: list[RequestResult], perf: PerfModel) -> tuple[float, float]:
+    """(serving_step_s, serving_seq_s): what the measured decode-only gaps cost beyond the profiled
+    engine step, as a cost per step plus a cost per streamed token. The median excess at each
+    batch size (robust to the odd stall), then least squares over batch sizes weighted by how
+    many gaps each has, with neither term below 0."""
+    engine = dataclasses.replace(perf, serving_step_s=0.0, serving_seq_s=0.0)
+    excess: dict[int, list[float]] = {}
+    for gap, batch, ctx, longest in decode_gaps(results):
+        excess.setdefault(batch, []).append(gap - engine.decode_step_s(batch, ctx, longest))
+    if not excess:
+        return 0.0, 0.0
+    pts = [(b, statistics.median(v), len(v)) for b, v in excess.items()]
+    w = sum(n for _, _, n in pts)
+    mb, mm = sum(n * b for b, _, n in pts) / w, sum(n * m for _, m, n in pts) / w
+    var = sum(n * (b - mb) ** 2 for b, _, n in pts)
+    seq = sum(n * (b - mb) * (m - mm) for b, m, n in pts) / var if var else 0.0
+    step = mm - seq * mb
+    if seq < 0:
+        return max(mm, 0.0), 0.0
+    if step < 0:
+        return 0.0, max(sum(n * b * m for b, m, n in pts) / sum(n * b * b for b, _, n in pts), 0.0)
+    return step, seq
+
+
+def phase_medians(results: list[RequestResult]) -> dict[str, float]:
+    """Median seconds of each phase of the remote prefills (from the router's phase timestamps):
+    decide (arrival to the job's entry in the prefill queue: the decode worker's step boundary),
+    queue (to a prefill worker's pull), prefill+kv (to the first token)."""
+    spans: dict[str, list[float]] = {"decide": [], "queue": [], "prefill+kv": []}
     for r in results:
-        for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False):
-            t = r.start + b
-            active = [p for t0, t1, p in spans if t0 <= t <= t1]
-            if len(active) >= 4:  # small batches say little about a per-sequence cost
-                step = perf.decode_step_s(len(active), sum(active))
-                excess.append(((b - a) - step) / len(active))
-    return max(statistics.median(excess), 0.0) if excess else 0.0
+        ph = r.phases
+        if not r.ok or not ph or ph.get("prefill_path") != "remote" or "pulled" not in ph:
+            continue
+        enq, pulled, first = float(ph["enqueued"]), float(ph["pulled"]), float(ph["first_token"])
+        spans["decide"].append(enq - float(ph["arrival"]))
+        spans["queue"].append(pulled - enq)
+        spans["prefill+kv"].append(first - pulled)
+    return {k: statistics.median(v) for k, v in spans.items() if v}
 
 
 def format_rows(rows: list[Row], target: float = 0.2) -> str:

@@ -3,13 +3,17 @@ PerfModel the simulator uses.
 
 Prefill: one prompt of t tokens, for each t, chunk by chunk under the serving token budget
 (`--max-num-batched-tokens`, default 512 as in `pdserve serve`), each chunk attending to the ones
-before it. Decode: b sequences of c context tokens,
-several decode steps each. Every step is `LLMEngine.step()` as a worker runs it (schedule, forward,
-sample, detokenize). Transports: random KV tensors of the model's layout pushed layer by layer
-through the kv_transfer connectors (local, shm, tcp over loopback), from the first send to the
-receiver's completion callback. `--cpus` / `--threads` set the cores the engine computes on, so a
-1-core profile (one worker per core, as in a 1P1D CPU deployment) and a 2-core one (a co-located
-worker) can be compared.
+before it. Decode: sequences of c context tokens, timed at every batch size of `decode_batches`
+(the batch shrinks by aborting sequences, so one prefill serves every size): the step is not
+linear in the batch, and the simulator interpolates between these sizes. A second sweep puts one
+long sequence among short ones, which shows whether attention pays for the padding to the longest
+context. Every step is `LLMEngine.step()` as a worker runs it (schedule, forward, sample,
+detokenize). Transports: random KV tensors of the model's layout pushed layer by layer through
+the kv_transfer connectors (local, shm, tcp over loopback), from the first send to the receiver's
+completion callback. `--cpus` / `--threads` set the cores the engine computes on, so a 1-core
+profile (one worker per core, as in a 1P1D CPU deployment) and a 2-core one (a co-located worker)
+can be compared; `--clock cpu` times a one-thread engine by its CPU time, which other processes on
+a shared machine do not inflate. The fit is perf_fit.fit_steps.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from pdserve.planner.perf_model import PerfModel, attention_pairs
-
-COEFFS = ("overhead_s", "prefill_token_s", "attn_pair_s", "decode_seq_s", "decode_ctx_s")
+from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
+from pdserve.planner.perf_model import PerfModel
 
 
 @dataclass(frozen=True)
@@ -37,32 +41,26 @@ class ProfileSpec:
     threads: int | None = None
     cpus: str | None = None
     prefill_tokens: list[int] = field(default_factory=lambda: [64, 256, 512, 2048])
-    decode_batches: list[int] = field(default_factory=lambda: [1, 4, 16])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32])
     decode_contexts: list[int] = field(default_factory=lambda: [128, 512])
+    # A context sweep stops at batch * context = this many tokens (each needs prefilling first).
+    max_decode_tokens: int = 8192
+    # One sequence this long among short ones (decode_contexts[0]), batches 2-8; 0 skips it.
+    mixed_long_context: int = 1024
     transports: list[str] = field(default_factory=lambda: ["local", "shm", "tcp"])
     transfer_tokens: int = 1024
     # The serving token budget: prompts are timed chunk by chunk, as a worker with it runs them.
     max_num_batched_tokens: int = 512
     repeats: int = 3
+    # "wall", or "cpu": the engine thread's CPU time, which another process sharing the core does
+    # not inflate. Only for one thread on a CPU, where all of a step's work runs on that thread.
+    clock: str = "wall"
 
-
-def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
-    """Least squares on relative error (each row divided by its time, so short steps count as much
-    as long ones), with coefficients that come out negative pinned to 0 and the rest refitted."""
-    active = list(range(len(rows[0])))
-    while True:
-        a = torch.tensor(
-            [[r[j] / t for j in active] for r, t in zip(rows, times, strict=True)], dtype=torch.float64
-        )
-        b = torch.ones(len(times), 1, dtype=torch.float64)
-        x = torch.linalg.lstsq(a, b).solution.flatten().tolist()
-        negative = [active[i] for i, v in enumerate(x) if v < 0]
-        if not negative:
-            out = [0.0] * len(rows[0])
-            for i, j in enumerate(active):
-                out[j] = x[i]
-            return out
-        active = [j for j in active if j not in negative]
+    def __post_init__(self) -> None:
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be wall|cpu, got {self.clock!r}")
+        if self.clock == "cpu" and (self.threads != 1 or self.device not in ("cpu", "auto")):
+            raise ValueError("clock 'cpu' times the calling thread only: use it with one thread on a CPU")
 
 
 def _engine(spec: ProfileSpec) -> Any:
@@ -84,9 +82,19 @@ def _sync(engine: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _time_prefill(engine: Any, tokens: int, repeats: int, rid: str) -> list[tuple[int, int, float]]:
-    """(chunk tokens, cached tokens before it, seconds) of every prefill step of a `tokens` prompt,
-    chunked by the engine's token budget exactly as a serving worker chunks it."""
+def _timed_step(engine: Any, clock: Callable[[], float]) -> float:
+    _sync(engine)
+    t0 = clock()
+    engine.step()
+    _sync(engine)
+    return clock() - t0
+
+
+def _time_prefill(
+    engine: Any, tokens: int, repeats: int, rid: str, clock: Callable[[], float]
+) -> list[PrefillStep]:
+    """Every prefill step of a `tokens` prompt, chunked by the engine's token budget exactly as a
+    serving worker chunks it."""
     from pdserve.sampling_params import SamplingParams
 
     budget = engine.config.scheduler.max_num_batched_tokens
@@ -98,42 +106,48 @@ def _time_prefill(engine: Any, tokens: int, repeats: int, rid: str) -> list[tupl
         done = 0
         while done < tokens:
             n = min(budget, tokens - done)
-            _sync(engine)
-            t0 = time.perf_counter()
-            engine.step()
-            _sync(engine)
+            dt = _timed_step(engine, clock)
             if i:
-                out.append((n, done, time.perf_counter() - t0))
+                out.append(PrefillStep(n, done, dt))
             done += n
         while engine.has_unfinished():
             engine.step()
     return out
 
 
-def _time_decode(engine: Any, batch: int, ctx: int, steps: int, rid: str) -> list[float]:
+def _time_decode(
+    engine: Any, contexts: list[int], batches: list[int], steps: int, rid: str, clock: Callable[[], float]
+) -> list[DecodeStep]:
+    """Decode steps of sequences with prompts of `contexts` tokens, timed at each size of `batches`
+    from the largest down: all sequences first, then the last ones aborted down to each size."""
     from pdserve.sampling_params import SamplingParams
 
+    sizes = sorted({b for b in batches if 1 <= b <= len(contexts)}, reverse=True)
     # Enough tokens that no sequence finishes while the others are still being prefilled
-    # (prompts are chunked by the token budget), so every timed step decodes the whole batch.
-    prefill_steps = batch * ctx // engine.config.scheduler.max_num_batched_tokens + batch + 2
-    params = SamplingParams(temperature=0, max_tokens=prefill_steps + steps + 3, ignore_eos=True)
-    for i in range(batch):
-        prompt = torch.randint(100, 20000, (ctx,), generator=torch.Generator().manual_seed(i)).tolist()
-        engine.add_request(f"{rid}-{i}", prompt, params)
+    # (prompts are chunked by the token budget) or before the smallest batch is timed.
+    prefill_steps = sum(contexts) // engine.config.scheduler.max_num_batched_tokens + len(contexts) + 2
+    params = SamplingParams(
+        temperature=0, max_tokens=prefill_steps + (steps + 1) * len(sizes) + 3, ignore_eos=True
+    )
+    ids = [f"{rid}-{i}" for i in range(len(contexts))]
+    for i, (request_id, length) in enumerate(zip(ids, contexts, strict=True)):
+        prompt = torch.randint(100, 20000, (length,), generator=torch.Generator().manual_seed(i)).tolist()
+        engine.add_request(request_id, prompt, params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
         engine.scheduler.waiting
     ):
         engine.step()
-    engine.step()  # warm-up decode step
     out = []
-    for _ in range(steps):
-        _sync(engine)
-        t0 = time.perf_counter()
-        engine.step()
-        _sync(engine)
-        out.append(time.perf_counter() - t0)
-    while engine.has_unfinished():
-        engine.step()
+    for b in sizes:
+        for request_id in ids[b:]:
+            engine.abort_request(request_id)
+        ids = ids[:b]
+        engine.step()  # warm-up at this size
+        for _ in range(steps):
+            ctx = [r.num_computed_tokens for r in engine.scheduler.running]
+            out.append(DecodeStep(len(ctx), sum(ctx), max(ctx), _timed_step(engine, clock)))
+    for request_id in ids:
+        engine.abort_request(request_id)
     return out
 
 
@@ -195,26 +209,33 @@ def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     engine = _engine(spec)
-    rows: list[list[float]] = []
-    times: list[float] = []
-    raw: dict[str, Any] = {"prefill": {}, "decode": {}, "links_gbps": {}}
+    if spec.clock == "cpu" and engine.device.type != "cpu":
+        raise ValueError("clock 'cpu' needs the engine on a CPU")
+    clock = time.thread_time if spec.clock == "cpu" else time.perf_counter
+    prefill: list[PrefillStep] = []
     for t in spec.prefill_tokens:
-        steps = _time_prefill(engine, t, spec.repeats, f"p{t}")
-        raw["prefill"][str(t)] = steps
-        rows += [[1.0, n, attention_pairs(n, c), 0.0, 0.0] for n, c, _ in steps]
-        times += [dt for _, _, dt in steps]
-    for b in spec.decode_batches:
-        for c in spec.decode_contexts:
-            ts = _time_decode(engine, b, c, max(spec.repeats, 3), f"d{b}x{c}")
-            raw["decode"][f"{b}x{c}"] = ts
-            rows += [[1.0, 0.0, 0.0, b, b * c] for _ in ts]
-            times += ts
-    coeffs = dict(zip(COEFFS, fit_nonnegative(rows, times), strict=True))
+        prefill += _time_prefill(engine, t, spec.repeats, f"p{t}", clock)
+    decode: list[DecodeStep] = []
+    steps = max(spec.repeats, 3)
+    for c in spec.decode_contexts:
+        batches = [b for b in spec.decode_batches if b * c <= spec.max_decode_tokens]
+        if batches:
+            decode += _time_decode(engine, [c] * max(batches), batches, steps, f"d{c}", clock)
+    if spec.mixed_long_context:
+        short, batches = spec.decode_contexts[0], [b for b in spec.decode_batches if 2 <= b <= 8]
+        if batches:
+            contexts = [spec.mixed_long_context] + [short] * (max(batches) - 1)
+            decode += _time_decode(engine, contexts, batches, steps, "mixed", clock)
+    fitted = fit_steps(prefill, decode)
     from pdserve.workers.common import kv_layout
 
     layout = kv_layout(engine)
     links = {tr: _time_transport(tr, layout, spec.transfer_tokens, spec.repeats) for tr in spec.transports}
-    raw["links_gbps"] = links
+    raw: dict[str, Any] = {
+        "prefill": [[s.tokens, s.cached, s.seconds] for s in prefill],
+        "decode": [[s.batch, s.ctx_tokens, s.max_ctx, s.seconds] for s in decode],
+        "links_gbps": links,
+    }
     threads = torch.get_num_threads()
     where = f"{platform.machine()} {engine.device.type}, {threads} thread(s)" + (
         f", cpus {spec.cpus}" if spec.cpus else ""
@@ -225,7 +246,8 @@ def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
         kv_bytes_per_token=layout.bytes_per_token,
         num_layers=layout.num_layers,
         links_gbps=links,
-        notes=f"pdserve profile, {time.strftime('%Y-%m-%d %H:%M')}; coefficients fitted on relative error",
-        **coeffs,
+        notes=f"pdserve profile, {time.strftime('%Y-%m-%d %H:%M')}, {spec.clock} clock; "
+        "coefficients fitted on relative error",
+        **fitted,
     )
     return perf, raw

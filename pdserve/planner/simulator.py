@@ -11,7 +11,13 @@ worker applies `choose_prefill_path` (workers/disagg_policy.py) per request; pre
 from one shared FIFO queue when their own waiting queue is empty (as workers/prefill.py does),
 KV moves over a link of the given fabric, streamed layer by layer behind the prefill, and the
 request then queues at the front of its decode worker. Results are RequestResults, so
-bench/report.py computes the percentiles and goodput.
+bench/report.py computes the percentiles and goodput; each carries the phase timestamps the
+router would send (`phases`), so a measurement can be compared with its prediction phase by phase.
+
+A decode worker touches its engine only between steps (AsyncLLM drains its call queue between
+`engine.step()`s): its local-or-remote decision, and so the job's entry into the prefill queue,
+waits for the step it is running to end, and so does a request whose KV has landed before its
+first token goes out. The simulator defers those two the same way.
 """
 
 from __future__ import annotations
@@ -76,6 +82,10 @@ class _Req:
     token_times: list[float] = field(default_factory=list)
     remote: bool = False
     decode_worker: _Worker | None = None
+    # Phase timestamps (absolute), as the router records them.
+    enqueued: float | None = None
+    pulled: float | None = None
+    kv_seconds: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -117,6 +127,7 @@ class _Worker:
         self.on_prefilled: Callable[[_Worker, _Req, float, float], None] | None = None  # prefill role
         self.on_idle_room: Callable[[_Worker], None] | None = None  # prefill role: pull more
         self.prefill_started: dict[int, float] = {}  # prefill role: request index -> first chunk
+        self.pending: list[Callable[[], None]] = []  # engine calls waiting for the step to end
 
     @property
     def load(self) -> int:
@@ -125,6 +136,13 @@ class _Worker:
     def add(self, req: _Req, front: bool = False) -> None:
         (self.waiting.appendleft if front else self.waiting.append)(req)
         self.kick()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run fn on the engine thread: now if it idles, else once the running step ends."""
+        if self.busy:
+            self.pending.append(fn)
+        else:
+            fn()
 
     def kick(self) -> None:
         if not self.busy and (self.waiting or self.running):
@@ -150,7 +168,11 @@ class _Worker:
         decodes = [r for r, _ in batch if r.decoding]
         chunks = [(n, r.num_computed) for r, n in batch if not r.decoding]
         ctx = sum(r.num_computed for r in decodes)
-        dt = self.perf.step_s(len(decodes), ctx, chunks)
+        max_ctx = max((r.num_computed for r in decodes), default=0)
+        # Tokens this step sends to clients; a prefill worker's first token goes with the KV.
+        sampled = sum(r.num_computed + n >= r.num_tokens for r, n in batch)
+        streamed = 0 if self.role == "prefill" else sampled
+        dt = self.perf.step_s(len(decodes), ctx, chunks, max_ctx, streamed)
         if self.role == "prefill":
             for r, _ in batch:
                 self.prefill_started.setdefault(r.spec.index, self.sim.now)
@@ -161,7 +183,6 @@ class _Worker:
 
     def _finish_step(self, batch: list[tuple[_Req, int]]) -> None:
         now = self.sim.now
-        self.busy = False
         for req, n in batch:
             req.num_computed += n
             if req.num_computed < req.num_tokens:
@@ -176,6 +197,11 @@ class _Worker:
             req.token_times.append(now)
             if req.num_output >= req.spec.output_len:
                 self.running.remove(req)
+        while self.pending:  # calls made during the step, and any they make in turn
+            calls, self.pending = self.pending, []
+            for fn in calls:
+                fn()
+        self.busy = False
         self.kick()
         if self.on_idle_room is not None and not self.waiting:
             self.on_idle_room(self)
@@ -205,11 +231,16 @@ class _Cluster:
             self.decisions["local"] += 1
             d.add(req)
             return
+        depth = len(self.queue)  # the router sends the depth it sees on arrival
+        d.call(lambda: self._admit(req, d, depth))
+
+    def _admit(self, req: _Req, d: _Worker, queue_depth: int) -> None:
+        """The decode worker's engine thread: prefill here, or reserve blocks and enqueue a job."""
         remote = True
         if self.dep.policy is not None:
             decision = choose_prefill_path(
                 req.spec.prompt_len,
-                len(self.queue),
+                queue_depth,
                 len(self.prefillers),
                 self.prefill_speed,
                 self.dep.policy,
@@ -224,13 +255,16 @@ class _Cluster:
             d.add(req)
             return
         req.remote = True
+        req.enqueued = self.sim.now
         self.queue.append(req)
         for p in self.prefillers:
             self._pull(p)
 
     def _pull(self, p: _Worker) -> None:
         if self.queue and not p.waiting and len(p.running) < self.dep.max_num_seqs:
-            p.add(self.queue.popleft())
+            req = self.queue.popleft()
+            req.pulled = self.sim.now
+            p.add(req)
 
     def _prefilled(self, p: _Worker, req: _Req, started: float, done: float) -> None:
         # Layer-wise streaming: layer i's KV leaves as soon as it is computed, so the link is busy
@@ -240,14 +274,15 @@ class _Cluster:
         link_start = max(started, self.link_free.get(p_name, 0.0))
         arrival = max(done + xfer / self.perf.num_layers, link_start + xfer)
         self.link_free[p_name] = arrival
-        self.sim.at(arrival, lambda: self._kv_arrived(req))
-
-    def _kv_arrived(self, req: _Req) -> None:
-        req.token_times.append(self.sim.now)  # the first token comes with the KV
-        if req.num_output >= req.spec.output_len:
-            return
+        req.kv_seconds = arrival - started
         assert req.decode_worker is not None
-        req.decode_worker.add(req, front=True)
+        d = req.decode_worker
+        self.sim.at(arrival, lambda: d.call(lambda: self._kv_arrived(req, d)))
+
+    def _kv_arrived(self, req: _Req, d: _Worker) -> None:
+        req.token_times.append(self.sim.now)  # the first token comes with the KV
+        if req.num_output < req.spec.output_len:
+            d.add(req, front=True)
 
 
 def simulate(perf: PerfModel, dep: Deployment, requests: list[SimRequest]) -> list[RequestResult]:
@@ -270,7 +305,19 @@ def simulate_with_stats(
         res = RequestResult(r.spec.index, r.spec.prompt_len, r.spec.output_len, r.spec.arrival_s)
         if times:
             res.ttft_s, res.chunk_times, res.e2e_s, res.output_tokens = times[0], times, times[-1], len(times)
+            res.phases = _phases(r, times)
         else:
             res.error = "not finished"
         out.append(res)
     return out, cluster.decisions
+
+
+def _phases(r: _Req, times: list[float]) -> dict[str, float | str]:
+    """The router's phase record of a finished request, in seconds since its arrival."""
+    out: dict[str, float | str] = {"arrival": 0.0, "routed": 0.0, "first_token": times[0], "end": times[-1]}
+    for name, t in (("enqueued", r.enqueued), ("pulled", r.pulled)):
+        if t is not None:
+            out[name] = t - r.spec.arrival_s
+    out["prefill_path"] = "remote" if r.remote else "local"
+    out["kv_seconds"] = r.kv_seconds
+    return out

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
 UNHEALTHY_AFTER_FAILURES = 3
+# A worker that accepts connections but answers slowly is busy, not dead: under load its HTTP thread
+# waits for the engine thread. Only this long without an answer makes it unhealthy.
+UNRESPONSIVE_AFTER_S = 15.0
 # Outer bound between two frames of one stream; the decode worker has its own, shorter deadlines.
 STREAM_READ_TIMEOUT_S = 600.0
 
@@ -52,6 +55,7 @@ class WorkerHandle:
     load: WorkerLoad | None = None
     healthy: bool = True
     failures: int = 0
+    last_answer: float = field(default_factory=time.monotonic)
     incompatible: str | None = None  # why this prefill worker may not serve the decode pool
 
     @property
@@ -314,14 +318,19 @@ class DisaggClient:
             if resp.status_code != 200:
                 raise ConnectionError(f"HTTP {resp.status_code}")
             load = decode(resp.content, WorkerLoad)
+        except httpx.TimeoutException:
+            silent = time.monotonic() - w.last_answer
+            if w.healthy and silent >= UNRESPONSIVE_AFTER_S:
+                await self._mark_dead(w, f"no answer for {silent:.0f} s")
+            return
         except (httpx.HTTPError, ConnectionError, ProtocolError) as e:
-            w.failures += 1
+            w.failures += 1  # refused or broken connections: the process is gone
             if w.healthy and w.failures >= UNHEALTHY_AFTER_FAILURES:
-                await self._mark_dead(w, str(e))
+                await self._mark_dead(w, str(e) or type(e).__name__)
             return
         if not w.healthy:
             logger.info("worker %s is healthy again", w.worker_id)
-        w.failures, w.healthy, w.load = 0, True, load
+        w.failures, w.healthy, w.load, w.last_answer = 0, True, load, time.monotonic()
         if w.info.role != "prefill" and self.prefix_index is not None:
             self.prefix_index.apply(w.worker_id, load.kv_events)
 

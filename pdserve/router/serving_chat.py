@@ -40,6 +40,7 @@ from pdserve.router.streams import (
     run_unless_disconnected,
     sse,
     sse_error,
+    with_phases,
 )
 
 logger = logging.getLogger("pdserve.router")
@@ -156,7 +157,7 @@ async def _stream(
                         raise err
                     if index == 0:
                         cached = out.num_cached_tokens
-                    yield chunk(
+                    final = chunk(
                         ChatCompletionStreamChoice(
                             index=index,
                             delta=DeltaMessage(),
@@ -164,6 +165,7 @@ async def _stream(
                             stop_reason=out.stop_reason,
                         )
                     )
+                    yield with_phases(final, out, by_index[index].arrival)
         if req.include_usage_in_stream:
             usage = usage_of([prompt_len], completion_tokens, [cached])
             yield sse(

@@ -121,6 +121,40 @@ async def _pump(
         queue.put_nowait((sub.index, None))
 
 
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one (b later)."""
+    logprobs = (a.logprobs or []) + (b.logprobs or []) if a.logprobs or b.logprobs else None
+    return dataclasses.replace(
+        b,
+        new_token_ids=a.new_token_ids + b.new_token_ids,
+        new_text=a.new_text + b.new_text,
+        logprobs=logprobs,
+    )
+
+
+_Item = tuple[int, "RequestOutput | Exception | None"]
+
+
+def coalesce(batch: list[_Item]) -> list[_Item]:
+    """Merge adjacent unfinished deltas of the same choice. When the client reads slower than the
+    engine writes, one event carries several tokens instead of queueing one event per token: the
+    per-event cost (JSON, HTTP framing) is what limits a streaming router."""
+    out: list[_Item] = []
+    for index, item in batch:
+        if out and isinstance(item, RequestOutput):
+            last_index, last = out[-1]
+            if (
+                last_index == index
+                and isinstance(last, RequestOutput)
+                and not last.finished
+                and last.error is None
+            ):
+                out[-1] = (index, merge_outputs(last, item))
+                continue
+        out.append((index, item))
+    return out
+
+
 async def merge_generations(
     ctx: ServingContext, subs: Sequence[SubRequest]
 ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
@@ -131,13 +165,16 @@ async def merge_generations(
     remaining = len(tasks)
     try:
         while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
+            batch = [await queue.get()]
+            while not queue.empty():  # outputs that piled up while the consumer was busy
+                batch.append(queue.get_nowait())
+            for index, item in coalesce(batch):
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
     finally:
         for task in tasks:
             task.cancel()

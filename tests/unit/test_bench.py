@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from pdserve.bench.client import run
+from pdserve.bench.client import run, run_sharded
 from pdserve.bench.report import summarize
 from pdserve.bench.timeline import segments
 from pdserve.bench.workload import LengthSampler, synthetic
@@ -91,6 +91,20 @@ def test_client_recovers_injected_ttft_and_itl(mock_url: str) -> None:
     # The server's phases come back, and the timeline splits each request by them.
     phases = [name for name, _, _ in segments(results[0])]
     assert phases == ["queue", "prefill", "transfer", "decode"]
+
+
+def test_sharded_client_keeps_every_request_and_the_shared_clock(mock_url: str) -> None:
+    # 12 requests at 20 req/s over 3 processes: each process sends its share at the common times.
+    specs = synthetic(LengthSampler("fixed", prompt_len=8, output_len=TOKENS), 12, 20.0, 1000, seed=3)
+    results = run_sharded(mock_url, specs, "mock", procs=3)
+    assert [r.index for r in results] == list(range(12))
+    s = summarize(results)
+    assert s["errors"] == 0
+    assert TTFT_S <= s["ttft_s"]["p50"] < TTFT_S + 0.05
+    assert ITL_S <= s["itl_s"]["p50"] < ITL_S + 0.01
+    # Start offsets follow the arrival schedule, whichever process sent the request.
+    for r, spec in zip(results, specs, strict=True):
+        assert spec.arrival_s - 0.001 <= r.start < spec.arrival_s + 0.1
 
 
 def test_bench_cli_sweep_goodput_json_and_plots(mock_url: str, tmp_path: Path) -> None:

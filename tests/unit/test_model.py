@@ -169,7 +169,10 @@ def test_dummy_tiny_runs_and_is_seeded() -> None:
     a = load_model(ModelConfig(model="dummy:tiny-llama", device="cpu", dtype="float32", seed=1))
     b = load_model(ModelConfig(model="dummy:tiny-llama", device="cpu", dtype="float32", seed=1))
     c = load_model(ModelConfig(model="dummy:tiny-llama", device="cpu", dtype="float32", seed=2))
-    assert a.name == "dummy:tiny-llama" and a.tokenizer is None and a.max_model_len == 512
+    assert a.name == "dummy:tiny-llama" and a.max_model_len == 512
+    # random weights come with the synthetic one-word-per-id tokenizer
+    assert a.tokenizer is not None and len(a.tokenizer) == a.arch.vocab_size
+    assert a.tokenizer.decode([5, 6]) == "t5 t6"
     key = "layers.0.mlp.gate_up_proj.weight"
     w = a.model.state_dict()[key]
     assert torch.equal(w, b.model.state_dict()[key])

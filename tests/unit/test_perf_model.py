@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pdserve.bench.client import RequestResult
-from pdserve.planner.fidelity import compare, format_rows, load_runs
+from pdserve.planner.fidelity import calibrate_serving, compare, format_rows, load_runs
+from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_nonnegative, fit_steps
 from pdserve.planner.perf_model import FABRICS_GBPS, PerfModel, attention_pairs
-from pdserve.planner.profile import fit_nonnegative
 from pdserve.planner.simulator import Deployment, SimRequest, simulate
 
 PERF = PerfModel(
@@ -65,10 +66,64 @@ def test_fidelity_of_the_simulator_against_itself_is_exact(tmp_path: Path) -> No
     assert isinstance(runs[("colocated", 1.4)][0], RequestResult)
 
 
-def test_calibration_recovers_a_serving_cost_hidden_from_the_profile() -> None:
-    from pdserve.planner.fidelity import calibrate_serving_seq_s
-
-    served = PerfModel(**{**PERF.to_dict(), "serving_seq_s": 0.01})
-    reqs = [SimRequest(i, i * 0.05, 64, 40) for i in range(12)]
+def test_calibration_recovers_serving_costs_hidden_from_the_profile() -> None:
+    served = replace(PERF, serving_step_s=0.01, serving_seq_s=0.002)
+    reqs = [SimRequest(i, i * 0.05, 64, 40 + 7 * i) for i in range(12)]
     measured = simulate(served, Deployment(colocated=1), reqs)
-    assert calibrate_serving_seq_s(measured, PERF) == pytest.approx(0.01, rel=0.15)
+    step, seq = calibrate_serving(measured, PERF)
+    assert step == pytest.approx(0.01, abs=1e-6)
+    assert seq == pytest.approx(0.002, abs=1e-6)
+
+
+def test_old_perf_files_load_with_the_new_terms_off(tmp_path: Path) -> None:
+    old = {
+        k: v
+        for k, v in PERF.to_dict().items()
+        if k not in ("decode_pad_s", "decode_batch_s", "serving_step_s")
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    perf = PerfModel.load(path)
+    assert perf.decode_batch_s == () and perf.decode_pad_s == 0.0 and perf.serving_step_s == 0.0
+    # A plain linear model, as before those terms existed.
+    assert perf.decode_step_s(8, 8 * 300, 1000) == pytest.approx(0.02 + 8 * 0.003 + 2400 * 1e-5)
+
+
+def test_decode_step_follows_the_measured_batch_table() -> None:
+    perf = replace(PERF, decode_batch_s=((1, 0.001), (4, 0.040)))
+    assert perf.decode_batch_cost_s(4) == pytest.approx(0.040)
+    assert perf.decode_batch_cost_s(2) == pytest.approx(0.001 + 0.039 / 3)  # between measured sizes
+    assert perf.decode_batch_cost_s(6) == pytest.approx(0.040 + 2 * PERF.decode_seq_s)  # past them
+    assert perf.decode_step_s(4, 0) == pytest.approx(PERF.overhead_s + 0.040)
+    # In a mixed step the decodes ride along in the prompt's matrix products: no table.
+    assert perf.step_s(4, 0, [(16, 0)]) == pytest.approx(PERF.step_s(4, 0, [(16, 0)]))
+    # JSON gives the table back as lists.
+    assert PerfModel.from_dict(json.loads(json.dumps(perf.to_dict()))) == perf
+    with pytest.raises(ValueError, match="ascending"):
+        replace(PERF, decode_batch_s=((4, 0.04), (2, 0.01)))
+
+
+def test_padding_to_the_longest_context_is_paid_in_decode_only_steps() -> None:
+    perf = replace(PERF, decode_pad_s=5e-6)
+    # One 1,000-token sequence and three of 100: 4 * 1,000 positions read, 1,300 of them real.
+    assert perf.decode_step_s(4, 1300, 1000) - perf.decode_step_s(4, 1300) == pytest.approx(2700 * 5e-6)
+    assert perf.step_s(4, 1300, [(16, 0)], decode_max_ctx=1000) == pytest.approx(
+        perf.step_s(4, 1300, [(16, 0)])
+    )
+
+
+def test_fit_recovers_the_batch_table_and_context_terms_from_steps() -> None:
+    truth = replace(PERF, decode_pad_s=6e-6, decode_batch_s=((1, 0.002), (2, 0.004), (4, 0.030), (8, 0.050)))
+    prefill = [PrefillStep(n, c, truth.prefill_s(n, c)) for n, c in ((64, 0), (256, 0), (512, 0), (512, 512))]
+    decode = []
+    for b in (1, 2, 4, 8):
+        for c in (128, 512):
+            decode.append(DecodeStep(b, b * c, c, truth.decode_step_s(b, b * c)))
+        if b > 1:  # one long sequence among short ones
+            ctx = 1024 + (b - 1) * 128
+            decode.append(DecodeStep(b, ctx, 1024, truth.decode_step_s(b, ctx, 1024)))
+    got = fit_steps(prefill, decode)
+    for name in ("overhead_s", "prefill_token_s", "attn_pair_s", "decode_ctx_s", "decode_pad_s"):
+        assert got[name] == pytest.approx(getattr(truth, name), rel=1e-6), name
+    assert [b for b, _ in got["decode_batch_s"]] == [1, 2, 4, 8]
+    assert [s for _, s in got["decode_batch_s"]] == pytest.approx([0.002, 0.004, 0.030, 0.050], rel=1e-6)

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
+import pytest
+
+from pdserve.config import ServerConfig
 from pdserve.outputs import RequestOutput
 from pdserve.protocol import PrefillJob
+from pdserve.router.app import build_app
 from pdserve.router.disagg_client import RequestEvents
 from pdserve.router.prefill_queue import PrefillQueue
 from pdserve.router.streams import with_phases
+from pdserve.sampling_params import SamplingParams
+from tests.unit.fake_engine import FakeEngine
 
 
 def test_phases_of_a_remote_prefill() -> None:
@@ -46,3 +55,42 @@ async def test_prefill_queue_knows_when_a_job_was_pulled() -> None:
     assert q.pulled_at("r1") is not None
     q.done("r1")
     assert q.pulled_at("r1") is None
+
+
+class _PhasedEngine(FakeEngine):
+    """Stamps the last output with phases, as the disaggregated client does."""
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        arrival = time.monotonic()
+        first: float | None = None
+        async for out in super().generate(request_id, prompt_token_ids, params):
+            first = first or time.monotonic()
+            if out.finished:
+                out.phases = {"arrival": arrival, "routed": arrival, "first_token": first,
+                              "end": time.monotonic(), "prefill_path": "local", "kv_seconds": 0.0}  # fmt: skip
+            yield out
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+async def test_phases_ride_on_the_last_chunk_of_both_streaming_endpoints(
+    path: str, body: dict[str, Any]
+) -> None:
+    app = build_app(_PhasedEngine(), ServerConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        r = await c.post(path, json={**body, "max_tokens": 3, "stream": True})
+    events = [json.loads(b[len("data: ") :]) for b in r.text.split("\n\n") if b and b != "data: [DONE]"]
+    with_phases = [e for e in events if "pdserve" in e]
+    assert len(with_phases) == 1 and with_phases[0] is events[-1]  # the finish chunk, no other
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    phases = events[-1]["pdserve"]
+    # Offsets from the router's arrival: the engine saw the request after it, in order.
+    assert 0 <= phases["arrival"] <= phases["first_token"] <= phases["end"] < 5
+    assert phases["prefill_path"] == "local" and phases["kv_seconds"] == 0.0

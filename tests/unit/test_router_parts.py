@@ -85,3 +85,30 @@ def test_disagg_decision() -> None:
     slow_link = DisaggPolicy(256, 4, 1e6, 46080)
     decision = choose_prefill_path(1800, 0, 1, 1500.0, slow_link)
     assert not decision.remote and "transfer" in decision.reason
+
+
+def test_coalesce_merges_backlogged_deltas_per_choice_in_order() -> None:
+    from pdserve.outputs import RequestOutput, TokenLogprob
+    from pdserve.router.streams import coalesce
+
+    def out(ids: list[int], finished: bool = False, lp: bool = False) -> RequestOutput:
+        return RequestOutput(
+            "r", ids, "".join(f" t{i}" for i in ids), finished,
+            finish_reason="length" if finished else None,
+            logprobs=[TokenLogprob(i, -1.0) for i in ids] if lp else None,
+            phases={"end": 1.0} if finished else None,
+        )  # fmt: skip
+
+    err = RuntimeError("x")
+    batch = [(0, out([1])), (0, out([2], lp=True)), (1, out([7])), (0, out([3], finished=True)), (0, None)]
+    merged = coalesce([*batch, (1, out([8])), (1, err)])
+    assert [i for i, _ in merged] == [0, 1, 0, 0, 1, 1]
+    first = merged[0][1]
+    assert isinstance(first, RequestOutput) and first.new_token_ids == [1, 2] and first.new_text == " t1 t2"
+    assert first.logprobs is not None and [lp.token_id for lp in first.logprobs] == [2]
+    assert merged[2][1] is batch[3][1]  # only adjacent deltas merge: choice 1 came between
+    # an unfinished delta merges into the finishing one after it, which keeps its reason and phases
+    ((_, last),) = coalesce([(0, out([4])), (0, out([5], finished=True))])
+    assert isinstance(last, RequestOutput) and last.new_token_ids == [4, 5] and last.finished
+    assert last.finish_reason == "length" and last.phases == {"end": 1.0}
+    assert merged[3] == (0, None) and merged[5] == (1, err)  # markers and errors pass through

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve.bench.report import summarize
@@ -72,3 +74,61 @@ def test_a_deployment_is_colocated_or_disaggregated() -> None:
     with pytest.raises(ValueError):
         Deployment(prefill=1)
     assert Deployment(prefill=2, decode=3).gpus == 5
+
+
+def test_the_decode_worker_decides_and_takes_the_kv_only_between_its_steps() -> None:
+    perf = replace(PERF, links_gbps={"fast": 1e6}, transfer_overhead_s=0.0)
+    dep = Deployment(prefill=1, decode=1, fabric="fast")
+    # A keeps the decode worker busy with 12 ms steps; B arrives in the middle of one.
+    a, b = simulate(perf, dep, [SimRequest(0, 0.0, 100, 60), SimRequest(1, 0.3055, 20, 3)])
+    step = perf.decode_step_s(1, 0)
+    assert a.itls_s[:5] == pytest.approx([step] * 5)
+    boundaries = [a.start + t for t in a.chunk_times]
+    # B's job enters the prefill queue when A's running step ends, not when B arrives ...
+    decided = b.start + float(b.phases["enqueued"])
+    assert decided == pytest.approx(min(t for t in boundaries if t >= b.start))
+    assert decided > b.start
+    # ... and its first token leaves at the end of the step running when its KV landed.
+    kv_landed = decided + perf.prefill_s(20)
+    first = b.start + (b.ttft_s or 0.0)
+    assert first == pytest.approx(min(t for t in boundaries if t >= kv_landed))
+    assert first > kv_landed
+
+
+def test_simulated_requests_carry_the_routers_phases() -> None:
+    [local] = simulate(PERF, Deployment(colocated=1), [SimRequest(0, 2.0, 100, 3)])
+    assert local.phases is not None and local.phases["prefill_path"] == "local"
+    assert local.phases["first_token"] == pytest.approx(local.ttft_s)
+    [remote] = simulate(PERF, Deployment(prefill=1, decode=1, fabric="slow"), [SimRequest(0, 2.0, 100, 3)])
+    ph = remote.phases
+    assert ph is not None and ph["prefill_path"] == "remote"
+    assert (
+        0
+        <= float(ph["enqueued"])
+        <= float(ph["pulled"])
+        < float(ph["first_token"])
+        == pytest.approx(remote.ttft_s)
+    )
+    assert float(ph["kv_seconds"]) == pytest.approx(remote.ttft_s)  # idle workers: all of it is prefill + KV
+
+
+def test_a_short_request_decoding_beside_a_long_one_pays_for_the_padding() -> None:
+    padded = replace(PERF, decode_pad_s=5e-6)
+    reqs = [SimRequest(0, 0.0, 2000, 30), SimRequest(1, 0.0, 10, 30)]
+    itl = {}
+    for name, perf in (("exact", PERF), ("padded", padded)):
+        short = simulate(perf, Deployment(colocated=1), reqs)[1]
+        itl[name] = short.itls_s[-1]  # both decoding, no prompt left
+    # The gather reads the short sequence up to the long one's length: ~1,990 positions more.
+    assert itl["padded"] - itl["exact"] == pytest.approx(5e-6 * 1990, rel=0.02)
+
+
+def test_streamed_tokens_pay_the_serving_cost_and_the_prefill_worker_none() -> None:
+    served = replace(PERF, serving_step_s=0.004, serving_seq_s=0.001)
+    reqs = [SimRequest(i, 0.0, 1, 50) for i in range(8)]
+    itl = summarize(simulate(served, Deployment(colocated=1), reqs))["itl_s"]
+    assert itl["p50"] == pytest.approx(PERF.decode_step_s(8, 8) + 0.004 + 8 * 0.001)
+    dep = Deployment(prefill=1, decode=1, fabric="slow")
+    [plain] = simulate(PERF, dep, [SimRequest(0, 0.0, 100, 2)])
+    [with_serving] = simulate(served, dep, [SimRequest(0, 0.0, 100, 2)])
+    assert with_serving.ttft_s == pytest.approx(plain.ttft_s)  # the first token goes with the KV

@@ -1,0 +1,306 @@
+"""Whole `pdserve serve` deployments on GPUs, measured from the client side (streamed tokens).
+
+Two experiments, each starting real deployments (router + worker processes) one after another:
+
+`exposed` — what remote prefill costs a request in time to first token. The same 1P1D deployment
+(cuda_ipc, layer-wise streaming) is started twice: once sending every long prompt to the prefill
+worker, once with the remote threshold above the prompt length so the decode worker prefills it
+itself. Same prompts (fresh ones each repeat, so the prefix cache never helps), one at a time.
+Exposed transfer time = TTFT(remote) - TTFT(local); the transfer's own time is the request's KV
+bytes over the cuda_ipc copy bandwidth measured by `gpu_suite.py` (`--copy-gbps`).
+
+    python benchmarks/gpu_serving.py exposed --gpus 0 --prompt-len 4096 --copy-gbps 1500 --out results/exposed
+
+`compare` — 1 prefill + 1 decode worker against co-located replicas with chunked prefill, on the
+same GPUs behind the same router, on the same requests at several Poisson rates. Reports TTFT /
+TPOT / ITL percentiles, SLO attainment, goodput (per GPU), KV transfer time per remote request,
+and how many prompts were prefilled where.
+
+    python benchmarks/gpu_serving.py compare --gpus 0,1 --rates 4 8 12 16 --duration-s 15 \\
+        --workloads bimodal short --out results/two_gpu
+
+Both use a Llama-3-8B shape with random bf16 weights (`--model`), and token-id prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from serve_proc import Server, decisions
+
+from pdserve.bench.client import RequestResult, run, run_sharded
+from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, summarize
+from pdserve.bench.workload import LengthSampler, RequestSpec, random_prompt, synthetic
+from pdserve.engine.shapes import get_shape
+
+MODEL = "dummy:llama-3-8b"
+# Every worker of every deployment: a 2,048-token step budget (prefill chunks of that size between
+# decode steps when co-located), up to 256 running sequences. `--transport auto` below is cuda_ipc
+# on GPUs (shm on CPUs).
+COMMON = ["--max-num-batched-tokens", "2048", "--max-num-seqs", "256"]
+
+WORKLOADS = {
+    # The issue's chat mix: 80% 100-300 prompt tokens, 20% 3,000-6,000; 128-512 output tokens.
+    "bimodal": LengthSampler(
+        "bimodal", long_share=0.2, short_range=(100, 300), long_range=(3000, 6000), output_range=(128, 512)
+    ),
+    "short": LengthSampler("short", short_range=(100, 300), output_range=(128, 512)),
+}
+
+
+def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
+    """n workers either way: n/2 prefill + n/2 decode, or n co-located replicas."""
+    disagg = ["--prefill", str(n // 2), "--decode", str(n - n // 2), "--colocated", "0"]
+    # Prompts from `threshold` uncached tokens go to the prefill worker; shorter ones the decode
+    # worker prefills itself (conditional disaggregation), so short-only traffic never waits for a
+    # transfer.
+    disagg += ["--transport", "auto", "--remote-prefill-threshold", str(threshold)]
+    disagg += ["--max-local-prefill-tokens", str(threshold)]
+    # The decision compares transfer time with local prefill time: cuda_ipc moves 100+ GB/s (see
+    # gpu_suite.py), not the 4 GB/s default that suits a network link.
+    disagg += ["--link-gbps", "100"]
+    return {
+        f"{n // 2}P{n - n // 2}D": disagg,
+        f"{n}xcolocated": ["--prefill", "0", "--decode", "0", "--colocated", str(n)],
+    }
+
+
+def kv_seconds(results: list[RequestResult]) -> dict[str, float]:
+    """KV transfer time per remote request, as the decode worker saw it (first chunk to done)."""
+    xs = sorted(
+        float(r.phases["kv_seconds"])
+        for r in results
+        if r.ok and r.phases and r.phases.get("prefill_path") == "remote" and "kv_seconds" in r.phases
+    )
+    if not xs:
+        return {"count": 0}
+    return {
+        "count": len(xs),
+        "p50": xs[len(xs) // 2],
+        "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+        "mean": statistics.fmean(xs),
+    }
+
+
+def vocab_size(model: str) -> int:
+    return int(get_shape(model.removeprefix("dummy:"))["vocab_size"])
+
+
+def placement(args: argparse.Namespace) -> list[str]:
+    """`--gpus cpu` runs the same experiment on CPU workers (to check the script, not to time)."""
+    return ["--device", "cpu"] if args.gpus == "cpu" else ["--gpus", args.gpus]
+
+
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["none"]
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, GPUs: {', '.join(names)}",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
+        "common_flags": COMMON,
+    }
+
+
+def warm_up(url: str, model: str) -> None:
+    """Compile and capture before timing: one short and one long prompt (two chunks)."""
+    vocab = vocab_size(model)
+    warm = synthetic(LengthSampler("fixed", prompt_len=3000, output_len=8), 2, None, vocab, seed=99)
+    warm += synthetic(LengthSampler("fixed", prompt_len=64, output_len=8), 4, None, vocab, seed=98)
+    asyncio.run(run(url, warm, model, concurrency=4))
+
+
+# ---- exposed transfer time ----
+
+
+def exposed(args: argparse.Namespace) -> dict[str, Any]:
+    report = header(args) | {
+        "prompt_len": args.prompt_len,
+        "repeats": args.repeats,
+        "transport": args.transport,
+        "runs": {},
+    }
+    base = ["--model", args.model, *placement(args), "--prefill", "1", "--decode", "1"]
+    base += ["--transport", args.transport, "--max-num-batched-tokens", str(max(8192, args.prompt_len))]
+    base += ["--kv-layers-per-chunk", str(args.layers_per_chunk)]
+    paths = {"remote": 1, "local": 10 * args.prompt_len}
+    for path, threshold in paths.items():
+        server = Server(
+            [*base, "--remote-prefill-threshold", str(threshold)], args.out / f"exposed-{path}.log"
+        )
+        try:
+            warm_up(server.url, args.model)
+            ttfts, phases = [], []
+            for i in range(args.repeats):
+                spec = RequestSpec(
+                    0, random_prompt(random.Random(1000 + i), args.prompt_len, vocab_size(args.model)), 2, 0.0
+                )
+                res = asyncio.run(run(server.url, [spec], args.model))[0]
+                if not res.ok:
+                    raise RuntimeError(f"{path} request failed: {res.error}")
+                ttfts.append(res.ttft_s)
+                phases.append(res.phases)
+            report["runs"][path] = {
+                "ttft_s": ttfts,
+                "ttft_p50_s": statistics.median(ttfts),
+                "phases": phases,
+                "decisions": decisions(server.metrics()),
+            }
+        finally:
+            server.stop()
+    kv_bytes = args.prompt_len * 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
+    own_s = kv_bytes / (args.copy_gbps * 1e9) if args.copy_gbps else float("nan")
+    gap = report["runs"]["remote"]["ttft_p50_s"] - report["runs"]["local"]["ttft_p50_s"]
+    report["kv_bytes"] = kv_bytes
+    report["transfer_own_s"] = own_s
+    report["exposed_s"] = gap
+    report["exposed_over_own"] = gap / own_s if own_s == own_s else None
+    return report
+
+
+# ---- 1PxD vs co-located replicas ----
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    num_gpus = 1 if args.gpus == "cpu" else len(args.gpus.split(","))
+    configs = compare_configs(args.workers or num_gpus, args.threshold)
+    report = header(args) | {
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "configs": configs,
+        "runs": {},
+    }
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {w: {} for w in args.workloads}
+    for cfg, flags in configs.items():
+        try:
+            server = Server(
+                ["--model", args.model, *placement(args), *COMMON, *flags], args.out / f"{cfg}.log"
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            report["runs"][cfg] = {"error": str(exc)}
+            continue
+        try:
+            warm_up(server.url, args.model)
+            for w_i, workload in enumerate(args.workloads):
+                curve = curves[workload].setdefault(cfg, [])
+                for r_i, rate in enumerate(args.rates):
+                    n = max(int(rate * args.duration_s), 16)
+                    # Same requests for every config; fresh prompts for every (workload, rate).
+                    specs = synthetic(
+                        WORKLOADS[workload], n, rate, vocab_size(args.model), seed=100 * w_i + r_i
+                    )
+                    before, cpu_before = decisions(server.metrics()), server.cpu_seconds()
+                    wall = time.monotonic()
+                    results = run_sharded(
+                        server.url, specs, args.model, args.client_procs, timeout_s=args.timeout_s
+                    )
+                    wall = time.monotonic() - wall
+                    after, cpu_after = decisions(server.metrics()), server.cpu_seconds()
+                    summary = summarize(results, slo)
+                    # Cores busy per process over the run (router near 1.0: it is the bottleneck).
+                    summary["cpu_cores"] = {
+                        k: round((cpu_after[k] - cpu_before[k]) / wall, 3)
+                        for k in cpu_after
+                        if k in cpu_before
+                    }
+                    summary["prefill_paths"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    summary["kv_seconds"] = kv_seconds(results)
+                    key = f"{cfg}/{workload}@{rate}"
+                    report["runs"][key] = summary
+                    curve.append((rate, summary["slo_attainment"]))
+                    (args.out / f"{cfg}_{workload}@{rate}.requests.json").write_text(
+                        json.dumps([r.__dict__ for r in results])
+                    )
+                    print(
+                        f"{key}: attainment {summary['slo_attainment']:.2f} "
+                        f"ttft p50/p99 {summary['ttft_s']['p50']:.3f}/{summary['ttft_s']['p99']:.3f} s "
+                        f"tpot p50 {summary['tpot_s']['p50'] * 1e3:.1f} ms "
+                        f"tok/s {summary['output_tok_s']:.0f} cores {summary['cpu_cores']}",
+                        flush=True,
+                    )
+                    # Past saturation every higher rate fails too: save the device time.
+                    if summary["slo_attainment"] < 0.5:
+                        break
+                (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        finally:
+            server.stop()
+    for workload, by_cfg in curves.items():
+        for cfg, curve in by_cfg.items():
+            g = goodput(curve)
+            report[f"goodput/{workload}/{cfg}"] = {"req_s": g, "per_gpu_req_s": g / num_gpus}
+    return report
+
+
+def plots(out: Path) -> None:
+    """Attainment against rate and latency CDFs from a finished run's files (no GPU needed)."""
+    report = json.loads((out / "report.json").read_text())
+    for workload in WORKLOADS:
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for key, run_ in report["runs"].items():
+            cfg, _, rest = key.partition("/")
+            wl, _, rate = rest.partition("@")
+            if wl == workload and "slo_attainment" in run_:
+                curves.setdefault(cfg, []).append((float(rate), run_["slo_attainment"]))
+        if len(curves) < 2:
+            continue
+        plot_attainment(curves, out / f"attainment_{workload}.png")
+        rates = sorted({r for c in curves.values() for r, _ in c})
+        for rate in rates:
+            runs = {
+                cfg: [RequestResult(**r) for r in json.loads(path.read_text())]
+                for cfg in curves
+                if (path := out / f"{cfg}_{workload}@{rate}.requests.json").is_file()
+            }
+            if len(runs) > 1:
+                plot_cdfs(runs, out / f"cdf_{workload}@{rate}.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="experiment", required=True)
+    sub.add_parser("plots").add_argument("--out", type=Path, required=True)
+    for name in ("exposed", "compare"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default=MODEL)
+        p.add_argument("--gpus", default="0")
+        p.add_argument("--out", type=Path, required=True)
+    e = sub.choices["exposed"]
+    e.add_argument("--prompt-len", type=int, default=4096)
+    e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--layers-per-chunk", type=int, default=1)
+    e.add_argument("--transport", default="auto", help="KV transport (auto: cuda_ipc on GPUs)")
+    e.add_argument("--copy-gbps", type=float, default=0.0, help="measured cuda_ipc copy bandwidth, GB/s")
+    c = sub.choices["compare"]
+    c.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0, 16.0])
+    c.add_argument(
+        "--duration-s", type=float, default=15.0, help="arrivals per rate (requests = rate x this)"
+    )
+    c.add_argument("--workloads", nargs="+", default=["bimodal", "short"], choices=list(WORKLOADS))
+    c.add_argument("--workers", type=int, default=0, help="workers per deployment (default: one per GPU)")
+    c.add_argument("--threshold", type=int, default=512, help="remote prefill from this many tokens (1PxD)")
+    c.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    c.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    c.add_argument("--timeout-s", type=float, default=120.0)
+    c.add_argument("--client-procs", type=int, default=4, help="load-generator processes")
+    args = ap.parse_args()
+    if args.experiment == "plots":
+        plots(args.out)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = exposed(args) if args.experiment == "exposed" else compare(args)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("runs",)}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

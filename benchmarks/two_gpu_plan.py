@@ -1,0 +1,132 @@
+"""`pdserve plan`'s prediction beside the two-GPU measurement of benchmarks/gpu_serving.py compare.
+
+The perf model is the engine profile measured on one GPU of the same kind (`pdserve profile`, its
+raw step timings refitted with the current fit), plus the serving cost (per step and per streamed
+token, beyond the engine step) calibrated on ONE measured run: the lowest-rate short-only 1P1D run,
+where the decode worker serves every request alone. Every other run is out of sample. For each
+measured run, the simulator replays the same requests (same send times and lengths); the goodput
+the planner searches for is printed beside the measured one.
+
+    python benchmarks/two_gpu_plan.py --measured results/two_gpu/final \\
+        --perf results/two_gpu/perf-gpu.json --perf-raw results/two_gpu/perf-gpu.raw.json \\
+        --out results/two_gpu/plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from gpu_serving import WORKLOADS
+
+from pdserve.bench.client import RequestResult
+from pdserve.bench.report import SLO, goodput, summarize
+from pdserve.planner.fidelity import calibrate_serving, replay
+from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
+from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.planner import PlanWorkload, goodput_of, serve_command
+from pdserve.planner.simulator import Deployment, simulate
+from pdserve.workers.disagg_policy import DisaggPolicy
+
+_RUN = re.compile(r"^(?P<config>[^_]+)_(?P<workload>[a-z]+)@(?P<rate>[0-9.]+)\.requests\.json$")
+
+
+def perf_model(perf: Path, raw: Path | None, calibrate_on: list[RequestResult]) -> PerfModel:
+    model = PerfModel.load(perf)
+    if raw is not None:
+        timings = json.loads(raw.read_text())
+        terms = fit_steps(
+            [PrefillStep(*r) for r in timings["prefill"]], [DecodeStep(*r) for r in timings["decode"]]
+        )
+        model = dataclasses.replace(model, **terms)
+    step, seq = calibrate_serving(calibrate_on, model)
+    return dataclasses.replace(model, serving_step_s=step, serving_seq_s=seq)
+
+
+def deployments(perf: PerfModel, threshold: int) -> dict[str, Deployment]:
+    """The two deployments gpu_serving.py compares, as the simulator sees them."""
+    base = {"max_num_batched_tokens": 2048, "max_num_seqs": 256}
+    policy = DisaggPolicy(
+        threshold_tokens=threshold,
+        max_queue_per_prefill_worker=4,
+        link_bytes_per_s=100e9,
+        kv_bytes_per_token=perf.kv_bytes_per_token,
+        max_local_prefill_tokens=threshold,
+    )
+    return {
+        "1P1D": Deployment(prefill=1, decode=1, fabric="nvlink", policy=policy, **base),  # type: ignore[arg-type]
+        "2xcolocated": Deployment(colocated=2, **base),  # type: ignore[arg-type]
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--measured", type=Path, required=True)
+    ap.add_argument("--perf", type=Path, required=True)
+    ap.add_argument("--perf-raw", type=Path, default=None)
+    ap.add_argument("--calibrate", default="1P1D_short@8.0", help="the one run the serving cost is fit on")
+    ap.add_argument("--threshold", type=int, default=512)
+    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    runs: dict[tuple[str, str, float], list[RequestResult]] = {}
+    for path in sorted(args.measured.iterdir()):
+        if m := _RUN.match(path.name):
+            results = [RequestResult(**r) for r in json.loads(path.read_text())]
+            runs[(m["config"], m["workload"], float(m["rate"]))] = results
+    cal = args.measured / f"{args.calibrate}.requests.json"
+    perf = perf_model(args.perf, args.perf_raw, [RequestResult(**r) for r in json.loads(cal.read_text())])
+    perf_path = args.out.with_suffix(".perf.json")
+    perf.save(perf_path)
+    deps = deployments(perf, args.threshold)
+    report: dict[str, Any] = {
+        "perf": {k: v for k, v in dataclasses.asdict(perf).items() if k != "notes"},
+        "calibrated_on": args.calibrate,
+        "runs": {},
+        "goodput": {},
+    }
+    print(f"{'run':<28}{'attain m/p':>12}{'TTFT p50 m/p':>16}{'TTFT p99 m/p':>16}{'ITL p99 m/p ms':>18}")
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for (config, workload, rate), measured in sorted(runs.items()):
+        predicted = simulate(perf, deps[config], replay(measured))
+        m, p = summarize(measured, slo), summarize(predicted, slo)
+        row = {
+            k: {"measured": m[key][q] if key else m[q], "predicted": p[key][q] if key else p[q]}
+            for k, key, q in (
+                ("attainment", None, "slo_attainment"),
+                ("ttft_p50_s", "ttft_s", "p50"),
+                ("ttft_p99_s", "ttft_s", "p99"),
+                ("itl_p50_s", "itl_s", "p50"),
+                ("itl_p99_s", "itl_s", "p99"),
+            )
+        }
+        report["runs"][f"{config}/{workload}@{rate}"] = row
+        curves.setdefault((config, workload), []).append((rate, p["slo_attainment"]))
+        print(
+            f"{config + '/' + workload + '@' + str(rate):<28}"
+            f"{m['slo_attainment']:>6.2f}/{p['slo_attainment']:.2f}"
+            f"{m['ttft_s']['p50']:>9.3f}/{p['ttft_s']['p50']:.3f}"
+            f"{m['ttft_s']['p99']:>9.3f}/{p['ttft_s']['p99']:.3f}"
+            f"{m['itl_s']['p99'] * 1e3:>10.1f}/{p['itl_s']['p99'] * 1e3:.1f}"
+        )
+    for (config, workload), curve in sorted(curves.items()):
+        # The planner's own search (as `pdserve plan` runs it) on the workload's distribution.
+        wl = PlanWorkload.from_sampler(WORKLOADS[workload], 400, seed=7)
+        searched, _ = goodput_of(perf, deps[config], wl, slo)
+        report["goodput"][f"{config}/{workload}"] = {
+            "predicted_at_measured_rates": goodput(curve),
+            "predicted_search": searched,
+            "serve_command": serve_command(deps[config], "dummy:llama-3-8b", "cuda_ipc"),
+        }
+        print(f"goodput {config}/{workload}: replayed rates {goodput(curve)}, planner search {searched:.1f}")
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
