@@ -8,7 +8,6 @@ linear each (fewer, larger matmuls per layer); `load_weights` maps Hugging Face 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.attention.base import ForwardContext
+from pdserve.engine.model_ops import Rope, add_rms_norm, rope_cache, silu_mul
 
 # Hugging Face `architectures[0]` → what differs between them for this decoder.
 _ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -175,50 +175,6 @@ def _token_ids(value: int | list[int] | None) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------------------------
-# RoPE
-
-
-def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
-    """[head_dim // 2] fp32 inverse frequencies, scaled as the config asks."""
-    d = arch.head_dim
-    exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d
-    inv_freq = 1.0 / (arch.rope_theta**exponents)
-    if arch.rope_scaling is None:
-        return inv_freq
-    scaling = dict(arch.rope_scaling)
-    factor = float(scaling["factor"])
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor  # same as dividing positions by `factor`
-    # llama3: keep short wavelengths, stretch long ones by `factor`, interpolate in between.
-    old_len = float(scaling["original_max_position_embeddings"])
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    stretched = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(in_band, blended, stretched)
-
-
-def rope_cache(arch: ModelArch, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """[max_position_embeddings, 2, head_dim // 2]: cos and sin of every position.
-
-    Computed on CPU in fp32 (identical values on any device), then cast like HF casts cos/sin to
-    the activation dtype."""
-    positions = torch.arange(arch.max_position_embeddings, dtype=torch.float32, device="cpu")
-    freqs = torch.outer(positions, rope_inv_freq(arch))  # [P, D/2]
-    return torch.stack((freqs.cos(), freqs.sin()), dim=1).to(device=device, dtype=dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF layout: dims i and i + D/2 form a pair).
-
-    x: [T, heads, D]; cos, sin: [T, 1, D/2]."""
-    x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D/2] each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -248,9 +204,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 * H_kv) * D]
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -260,7 +214,7 @@ class Attention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         # One RoPE call for q and k together (they share positions): half the ops, which count on CPU.
-        qk = apply_rope(qk, cos, sin)
+        qk = rope.apply(qk)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, H_kv, D]
         out = ctx.attend(self.layer_idx, q, k, v, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
@@ -273,8 +227,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)  # [T, hidden]
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -286,10 +239,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, h: torch.Tensor, pending: torch.Tensor | None, rope: Rope, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the residual stream [T, hidden]; pending: the previous layer's MLP output, not yet
+        added to it (the add happens inside this layer's input norm, one pass on the GPU).
+        Returns (residual stream, this layer's MLP output, pending for the next layer)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if pending is None:
+            x = norm1(h)
+        else:
+            x, h = add_rms_norm(pending, h, norm1.weight, norm1.eps)
+        x, h = add_rms_norm(self.self_attn(x, rope, ctx), h, norm2.weight, norm2.eps)
+        return h, self.mlp(x)
 
 
 # HF projection name → (our fused parameter stem, which shard of it)
@@ -322,11 +283,14 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: [T] int64 → final hidden states [T, hidden]."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).unbind(2)  # [T, 1, D/2] each
+        rope = Rope(self.cos_sin, positions)
         h = self.embed_tokens(input_ids)  # [T, hidden]
+        pending: torch.Tensor | None = None
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.norm(h)
+            h, pending = layer(h, pending, rope, ctx)
+        if pending is None:
+            return self.norm(h)
+        return add_rms_norm(pending, h, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] (only the rows that need a token) → [N, vocab] fp32."""
