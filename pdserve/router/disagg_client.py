@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,13 +204,17 @@ class DisaggClient:
             raise RuntimeError("no healthy decode worker")
         assert self.prefix_index is not None
         overlap = self.prefix_index.overlap(prompt, [w.worker_id for w in decoders])
+        # Running = the streams this router has open on the worker, counted the moment it routes
+        # one: polled loads are up to a poll interval old, and at tens of requests per second
+        # every request of that interval would go to the same worker.
+        in_flight = Counter(self._streams.values())
         cands = []
         for w in decoders:
             load = w.load
             usage = 1 - load.num_free_blocks / max(load.num_total_blocks, 1) if load else 0.0
             cands.append(
                 Candidate(
-                    w.worker_id, overlap[w.worker_id], load.num_running if load else 0,
+                    w.worker_id, overlap[w.worker_id], in_flight[w.worker_id],
                     (load.num_waiting + load.num_reserved) if load else 0, usage,
                 )
             )  # fmt: skip

@@ -112,3 +112,26 @@ def test_coalesce_merges_backlogged_deltas_per_choice_in_order() -> None:
     assert isinstance(last, RequestOutput) and last.new_token_ids == [4, 5] and last.finished
     assert last.finish_reason == "length" and last.phases == {"end": 1.0}
     assert merged[3] == (0, None) and merged[5] == (1, err)  # markers and errors pass through
+
+
+async def test_routing_counts_its_own_streams_between_load_polls() -> None:
+    """A burst between two load polls spreads over the replicas instead of following the same
+    stale load numbers to one of them."""
+    from pdserve.protocol import KVLayout, WorkerInfo, WorkerLoad
+    from pdserve.router.disagg_client import DisaggClient, WorkerHandle
+    from pdserve.router.prefix_index import PrefixIndex
+
+    client = DisaggClient([], "token", tokenizer=None)
+    layout = KVLayout("m", "bfloat16", 16, 2, 2, 64)
+    stale = WorkerLoad("x", num_running=0, num_waiting=0, num_free_blocks=100, num_total_blocks=100)
+    for wid in ("c0", "c1"):
+        info = WorkerInfo(wid, "colocated", f"http://{wid}", "127.0.0.1", 0, layout, "m", 512)
+        client.workers[wid] = WorkerHandle(info, load=stale)
+    client.prefix_index = PrefixIndex(16)
+    picks = []
+    for i in range(6):
+        w = client._pick([1, 2, 3])
+        client._streams[f"r{i}"] = w.worker_id  # what generate() records before streaming
+        picks.append(w.worker_id)
+    assert picks.count("c0") == picks.count("c1") == 3
+    await client.shutdown()
