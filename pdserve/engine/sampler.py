@@ -149,7 +149,9 @@ def host_list(t: torch.Tensor) -> list[Any]:
     the step is done while holding it, which starves every other thread of the worker (its HTTP
     server streaming tokens, the KV transfer threads) for the whole step."""
     if t.is_cuda:
-        done = torch.cuda.Event()
+        # A blocking event puts the thread to sleep until the GPU is done instead of spinning a
+        # core: the engine's host thread then shows its real CPU use, and frees the core.
+        done = torch.cuda.Event(blocking=True)
         done.record()
         done.synchronize()  # releases the GIL
     return t.tolist()  # type: ignore[no-any-return]
