@@ -56,6 +56,10 @@ class CacheConfig:
         default=None, metadata=_help("exact number of KV blocks (overrides the budget)")
     )
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse KV of shared prompt prefixes"))
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata=_help("auto (the model's dtype) | fp8 (float8 e4m3, scale 1: half the bytes of bf16)"),
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -66,6 +70,14 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto|fp8, got {self.kv_cache_dtype!r}")
+
+    def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type. fp8 stores K and V as e4m3 with a scale of 1 (their values
+        stay well inside its +-448 range after the projections); attention reads them back in the
+        model's dtype."""
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else model_dtype
 
 
 @dataclass(frozen=True)

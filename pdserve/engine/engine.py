@@ -76,9 +76,10 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         self.device = config.model.resolved_device()
         self.dtype = config.model.resolved_dtype()
+        self.kv_dtype = config.cache.resolved_kv_dtype(self.dtype)
         cache = config.cache
         num_blocks = cache.num_blocks or num_blocks_for_budget(
-            self.arch, cache.block_size, self.dtype, self._kv_budget_bytes()
+            self.arch, cache.block_size, self.kv_dtype, self._kv_budget_bytes()
         )
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
@@ -88,11 +89,11 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         if kv_cache_factory is not None:
             self.kv_caches = kv_cache_factory(
-                self.arch, num_blocks, cache.block_size, self.dtype, self.device
+                self.arch, num_blocks, cache.block_size, self.kv_dtype, self.device
             )
         else:
             self.kv_caches = allocate_kv_caches(
-                self.arch, num_blocks, cache.block_size, self.dtype, self.device
+                self.arch, num_blocks, cache.block_size, self.kv_dtype, self.device
             )
         backend = get_backend(config.resolved_attention_backend())
         self.runner = ModelRunner(

@@ -115,7 +115,10 @@ def write_kv(kv_caches: list[torch.Tensor], layer_start: int, slots: torch.Tenso
     for i in range(kv.shape[0]):
         cache = kv_caches[layer_start + i]  # [2, num_blocks, block_size, H, D]
         flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])  # [2, slots, H, D]
-        flat.index_copy_(1, slots.to(cache.device), kv[i].to(cache.device, cache.dtype))
+        src = kv[i].to(cache.device, cache.dtype)
+        if cache.element_size() == 1:  # fp8: index_copy_ has no fp8 kernel on every device
+            flat, src = flat.view(torch.uint8), src.view(torch.uint8)
+        flat.index_copy_(1, slots.to(cache.device), src)
 
 
 def read_kv(

@@ -13,7 +13,12 @@ import torch
 WIRE_DTYPES = ("native", "bfloat16", "fp8")
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,  # an fp8 KV cache (--kv-cache-dtype fp8)
+}
 
 
 def torch_dtype(name: str) -> torch.dtype:

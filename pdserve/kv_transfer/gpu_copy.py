@@ -15,8 +15,13 @@ import triton
 import triton.language as tl
 
 TOKENS_PER_PROGRAM = 8
-_ELEMENT_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_BIT_TYPES = {2: tl.int16, 4: tl.int32}
+_ELEMENT_TYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+    torch.float8_e4m3fn: tl.float8e4nv,
+}
+_BIT_TYPES = {1: tl.int8, 2: tl.int16, 4: tl.int32}
 
 
 @triton.jit

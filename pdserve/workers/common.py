@@ -14,7 +14,7 @@ def kv_layout(engine: LLMEngine) -> KVLayout:
     arch = engine.arch
     return KVLayout(
         model=engine.model_name,
-        dtype=dtype_name(engine.dtype),
+        dtype=dtype_name(engine.kv_dtype),
         block_size=engine.block_manager.block_size,
         num_layers=arch.num_layers,
         num_kv_heads=arch.num_kv_heads,

@@ -160,3 +160,16 @@ def test_prefill_with_cached_prefix_matches_reference(device: torch.device, dtyp
             out, ref, tri_cache, ref_cache = run_both(q, k, v, cache, meta)
             assert torch.equal(tri_cache, ref_cache)
             assert rel_err(out, ref) < tolerance(dtype), (batch, num_heads, num_kv_heads, head_dim)
+
+
+def test_fp8_cache_store_and_decode_match_reference(device: torch.device) -> None:
+    """An fp8 (e4m3) cache: the store kernel rounds like the reference, and decode and chunked
+    prefill read it back in q's dtype as the reference does."""
+    if device.type != "cuda":
+        pytest.skip("fp8 conversions need a GPU (sm_89+)")
+    for ctx_and_query in ([(n - 1, 1) for n in (1, 64, 65, 1500)], [(0, 40), (300, 17)]):
+        q, k, v, cache, meta = make_batch(ctx_and_query, 32, 8, 128, 16, torch.bfloat16, device, seed=5)
+        fp8 = cache.to(torch.float8_e4m3fn)
+        out, ref, tri_cache, ref_cache = run_both(q, k, v, fp8, meta)
+        assert torch.equal(tri_cache.view(torch.uint8), ref_cache.view(torch.uint8))
+        assert rel_err(out, ref) < tolerance(torch.bfloat16)

@@ -12,8 +12,11 @@ from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write this step's K/V into their cache slots. kv_cache: [2, num_blocks, block_size, H_kv, D]."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    # One-byte caches (fp8) go through their bits: index_copy_ has no fp8 kernel on every device.
+    bits = torch.uint8 if kv_cache.element_size() == 1 else kv_cache.dtype
+    for half, x in ((0, k), (1, v)):
+        dst = kv_cache[half].view(bits).view(-1, num_kv_heads, head_dim)
+        dst.index_copy_(0, slot_mapping, x.to(kv_cache.dtype).view(bits))
 
 
 def gather_kv(

@@ -93,7 +93,7 @@ def attend_block(
         kv_mask = dmask[None, :]
     offs = block * stride_block + (n % PAGE).to(tl.int64) * stride_tok  # [BLOCK_N]
     ptrs = cache_ptr + offs[:, None] + d[None, :]  # [BLOCK_N, BLOCK_D]
-    k = tl.load(ptrs, mask=kv_mask, other=0.0)
+    k = tl.load(ptrs, mask=kv_mask, other=0.0).to(q.dtype)  # an fp8 cache is read in q's dtype
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [M, BLOCK_N]
     if CAUSAL:
         visible = n[None, :] <= qpos[:, None]
@@ -107,7 +107,7 @@ def attend_block(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(ptrs + stride_half, mask=kv_mask, other=0.0)
+    v = tl.load(ptrs + stride_half, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
     return acc, m_new, l_i
 
