@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, flags: list[str], log: Path, start_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, flags: list[str], log: Path, start_timeout_s: float = 300.0, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -30,7 +32,7 @@ class Server:
             "--log-level", "warning", *flags,
         ]  # fmt: skip
         self.log = open(log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + start_timeout_s
         while True:
             if self.proc.poll() is not None:

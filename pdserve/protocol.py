@@ -143,13 +143,27 @@ class TokenChunk:
 
     @classmethod
     def from_output(cls, out: RequestOutput) -> TokenChunk:
+        return cls.from_outputs([out])
+
+    @classmethod
+    def from_outputs(cls, outs: list[RequestOutput]) -> TokenChunk:
+        """Consecutive outputs of one request as one chunk: tokens, text and logprobs joined in
+        order, everything else (finish, counts) from the last."""
+        out = outs[-1]
+        token_ids, text = out.new_token_ids, out.new_text
+        logprobs = out.logprobs
+        if len(outs) > 1:
+            token_ids = [t for o in outs for t in o.new_token_ids]
+            text = "".join(o.new_text for o in outs)
+            if any(o.logprobs is not None for o in outs):
+                logprobs = [lp for o in outs for lp in o.logprobs or ()]
         lps = None
-        if out.logprobs is not None:
-            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.logprobs]
+        if logprobs is not None:
+            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in logprobs]
         return cls(
             request_id=out.request_id,
-            new_token_ids=out.new_token_ids,
-            new_text=out.new_text,
+            new_token_ids=token_ids,
+            new_text=text,
             finished=out.finished,
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
@@ -290,14 +304,23 @@ _TYPES: dict[str, type] = {
 T = TypeVar("T")
 
 
+# Field names per message type: dataclasses.fields() rebuilds its tuple on every call, once per
+# message (a streamed token's frame is the common one).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _pack_default(obj: Any) -> Any:
     """msgpack calls this for what it cannot pack itself: our dataclasses, tagged with their type.
     Lists of ids and numbers are packed natively (in C), which keeps a 4k-token prompt cheap."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        out["__t"] = type(obj).__name__
-        return out
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+    cls = type(obj)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+            raise TypeError(f"cannot encode {cls.__name__}")
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(obj))
+    out = {name: getattr(obj, name) for name in names}
+    out["__t"] = cls.__name__
+    return out
 
 
 class _Malformed(Exception):

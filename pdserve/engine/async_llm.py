@@ -2,17 +2,19 @@
 
 torch releases the GIL inside its kernels, so one engine thread next to the HTTP event loop
 keeps both busy. Work crosses into the thread as calls on a queue (the engine is touched by
-that thread only); outputs cross back with call_soon_threadsafe onto each caller's own queue.
+that thread only); outputs cross back onto each caller's own queue, a whole step's outputs in one
+call_soon_threadsafe per event loop (each such call writes to the loop's wake-up pipe).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +37,11 @@ T = TypeVar("T")
 class _Call:
     fn: Callable[[LLMEngine], Any]
     future: concurrent.futures.Future[Any] | None
+
+
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]) -> None:
+    for stream_queue, out in items:
+        stream_queue.put_nowait(out)
 
 
 @dataclass
@@ -95,14 +102,29 @@ class AsyncLLM:
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Leaving early (client gone, cancelled)
         aborts it, so its KV blocks free at once."""
+        async with contextlib.aclosing(self.stream_batches(request_id)) as batches:
+            async for batch in batches:
+                for out in batch:
+                    yield out
+
+    async def stream_batches(self, request_id: str) -> AsyncGenerator[list[RequestOutput], None]:
+        """Like stream(), but each item is every output that is waiting when the caller comes
+        back for more (at least one), oldest first: a caller slower than the engine can send them
+        on together instead of paying its per-message cost once per token."""
         with self._lock:
             stream = self._streams[request_id]
+        pending = stream.queue
         finished = False
         try:
             while not finished:
-                out = await stream.queue.get()
+                out = await pending.get()
+                batch = [out]
                 finished = out.finished
-                yield out
+                while not finished and not pending.empty():
+                    out = pending.get_nowait()
+                    batch.append(out)
+                    finished = out.finished
+                yield batch
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -134,10 +156,20 @@ class AsyncLLM:
     # ---- engine thread ----
 
     def deliver(self, out: RequestOutput) -> None:
+        self.deliver_all([out])
+
+    def deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams with one call_soon_threadsafe per event loop."""
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput], RequestOutput]]
+        ] = {}
         with self._lock:
-            stream = self._streams.get(out.request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         with self._lock:
@@ -169,10 +201,8 @@ class AsyncLLM:
                 logger.exception("engine step failed; failing all in-flight requests")
                 outputs = self._fail_all()
             self._stats = self.engine.stats()
-            for out in outputs:
-                self.deliver(out)
-        for out in self._fail_all():
-            self.deliver(out)
+            self.deliver_all(outputs)
+        self.deliver_all(self._fail_all())
 
     def _drain_calls(self, block: bool) -> None:
         try:

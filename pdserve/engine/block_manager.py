@@ -103,6 +103,11 @@ class BlockManager:
     def allocate(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
         """Grow the request's block table to hold `num_new_tokens` more tokens after its computed ones
         (and after `computed_blocks`, prefix hits taken now). False, changing nothing, if memory is short."""
+        if (
+            not computed_blocks
+            and req.num_computed_tokens + num_new_tokens <= len(req.block_table) * self.block_size
+        ):
+            return True  # fits the blocks held (most decode steps): nothing to take
         computed_blocks = computed_blocks or []
         if not self.can_allocate(req, num_new_tokens, computed_blocks):
             return False
@@ -126,6 +131,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = req.num_computed_tokens // self.block_size
+        if num_full <= len(req.block_hashes):
+            return  # no block filled up since the last call (most decode steps)
         parent = req.block_hashes[-1] if req.block_hashes else _ROOT_HASH
         for i in range(len(req.block_hashes), num_full):
             tokens = req.all_token_ids[i * self.block_size : (i + 1) * self.block_size]

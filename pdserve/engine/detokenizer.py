@@ -14,12 +14,34 @@ from typing import TYPE_CHECKING
 from pdserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
 # What a tokenizer decodes an incomplete (or invalid) UTF-8 sequence to.
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded ahead of the first output token, so it gets its context-dependent text.
 _NUM_PROMPT_CONTEXT_TOKENS = 4
+
+
+def fast_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """The Rust `tokenizers` object behind a stock fast tokenizer, or None if its decode may do more.
+
+    `tokenizer.decode(ids, skip_special_tokens=s, clean_up_tokenization_spaces=False)` on such a
+    tokenizer is exactly `backend.decode(ids, skip_special_tokens=s)`, but its Python wrapper (input
+    conversion, batching checks, keyword plumbing) costs several times the decode itself, twice per
+    generated token. A subclass that overrides decode or _decode keeps the wrapper.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+    ):
+        return tokenizer.backend_tokenizer
+    return None
 
 
 class IncrementalDetokenizer:
@@ -42,6 +64,7 @@ class IncrementalDetokenizer:
         self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         self.tokenizer = tokenizer
+        self._backend = fast_backend(tokenizer)
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = list(params.stop)
         self.include_stop_str_in_output = params.include_stop_str_in_output
@@ -93,16 +116,31 @@ class IncrementalDetokenizer:
     def take_delta(self, finished: bool) -> str:
         """Text not yet handed out. Until finished, an incomplete character at the end and the
         longest tail that starts a stop string are held back."""
-        if finished or self._final is not None:
-            end = len(self.output_text)
+        if self._final is not None:
+            delta = self._final[self._emitted :]
+            self._emitted = max(self._emitted, len(self._final))
+            return delta
+        committed = len(self._committed)
+        if finished:
+            end = committed + len(self._pending)
         else:
-            stable = self._stable_len()
-            end = stable - self._stop_prefix_len(self._stable_tail(max(0, stable - self._max_stop_len)))
-        delta = self.output_text[self._emitted : end]
-        self._emitted = max(self._emitted, end)
+            end = self._stable_len()
+            if self.stop:
+                end -= self._stop_prefix_len(self._stable_tail(max(0, end - self._max_stop_len)))
+        # Sliced from the parts: joining the whole text for every token grows with its length.
+        start = self._emitted
+        if end <= start:
+            delta = ""
+        elif start >= committed:
+            delta = self._pending[start - committed : end - committed]
+        else:
+            delta = self._committed[start:end] + self._pending[: max(end - committed, 0)]
+        self._emitted = max(start, end)
         return delta
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         text = self.tokenizer.decode(
             token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )

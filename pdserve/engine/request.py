@@ -52,6 +52,8 @@ class Request:
             raise ValueError(f"[{request_id}] empty prompt")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        # Read several times per token per step: a plain int, not len() behind a property.
+        self._num_prompt_tokens = len(self.prompt_token_ids)
         self.params = params
         self.max_tokens = max_tokens  # resolved: never None, fits the context
         self.generator = generator
@@ -73,7 +75,7 @@ class Request:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return self._num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -81,15 +83,15 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens :]
+        return self.all_token_ids[self._num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+        return len(self.all_token_ids) - self._num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return len(self.all_token_ids) - self.num_computed_tokens
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
         self.all_token_ids.append(token_id)

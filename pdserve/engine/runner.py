@@ -3,6 +3,7 @@ triton backend, decode-only steps replay captured CUDA graphs (see cuda_graphs.p
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +41,15 @@ def num_blocks_for_budget(arch: ModelArch, block_size: int, dtype: torch.dtype, 
     return max(budget_bytes // (arch.kv_bytes_per_token(dtype) * block_size), 2)
 
 
+def int64_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """torch.tensor(values, dtype=torch.int64, device=device), ~4x faster: torch.tensor walks the
+    list element by element, array() packs it in C and the tensor shares the array's memory."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    tensor = torch.frombuffer(array("q", values), dtype=torch.int64)
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
 def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device) -> ModelInputs:
     input_ids: list[int] = []
     positions: list[int] = []
@@ -48,33 +58,47 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
     seq_lens: list[int] = []
     logits_indices: list[int] = []
     sampled: list[ScheduledRequest] = []
+    max_blocks = max(len(s.request.block_table) for s in scheduled)
+    tables: list[int] = []  # [num_seqs * max_blocks], row-major and zero-padded
+    num_tokens = 0
     for s in scheduled:
         req = s.request
-        start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-        input_ids.extend(req.all_token_ids[start:end])
-        pos = range(start, end)
-        positions.extend(pos)
+        start, n = req.num_computed_tokens, s.num_new_tokens
+        end = start + n
         table = req.block_table
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
-        query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        if n == 1:  # a decode token: the common case, without building ranges
+            input_ids.append(req.all_token_ids[start])
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            input_ids.extend(req.all_token_ids[start:end])
+            pos = range(start, end)
+            positions.extend(pos)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+        num_tokens += n
+        query_start_loc.append(num_tokens)
         seq_lens.append(end)
-        if s.samples:
-            logits_indices.append(query_start_loc[-1] - 1)
+        if end == req.num_tokens:  # s.samples
+            logits_indices.append(num_tokens - 1)
             sampled.append(s)
-    max_blocks = max(len(s.request.block_table) for s in scheduled)
-    tables = [s.request.block_table + [0] * (max_blocks - len(s.request.block_table)) for s in scheduled]
-
-    def t(x: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64, device=device)
+        tables += table
+        if len(table) < max_blocks:
+            tables += [0] * (max_blocks - len(table))
 
     meta = AttentionMetadata(
-        slot_mapping=t(slots),
+        slot_mapping=int64_tensor(slots, device),
         query_start_loc=query_start_loc,
         seq_lens=seq_lens,
-        block_tables=t(tables),
-        seq_lens_tensor=t(seq_lens),
+        block_tables=int64_tensor(tables, device).view(len(scheduled), max_blocks),
+        seq_lens_tensor=int64_tensor(seq_lens, device),
     )
-    return ModelInputs(t(input_ids), t(positions), meta, t(logits_indices), sampled)
+    return ModelInputs(
+        int64_tensor(input_ids, device),
+        int64_tensor(positions, device),
+        meta,
+        int64_tensor(logits_indices, device),
+        sampled,
+    )
 
 
 class ModelRunner:

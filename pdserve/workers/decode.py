@@ -9,6 +9,7 @@ blocks already held, so a request is never lost to a broken prefill worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -148,21 +149,26 @@ class DecodeWorker:
             yield frame(job)
         first = True
         t0 = time.monotonic()
-        async for out in self.llm.stream(rid):
-            chunk = TokenChunk.from_output(out)
-            if first and out.new_token_ids:
-                first = False
-                remote = self._paths.pop(rid, None)
-                chunk.prefill_path = remote.path if remote is not None else "local"
-                if remote is not None and remote.stats is not None:
-                    chunk.kv_bytes, chunk.kv_seconds = remote.stats.nbytes, remote.stats.seconds
-                if chunk.prefill_path != "remote":
-                    self.prefill_speed.observe(
-                        out.num_prompt_tokens - out.num_cached_tokens, time.monotonic() - t0
-                    )
-            if out.finished:
-                self._paths.pop(rid, None)
-            yield frame(chunk)
+        # One frame per wake-up: when the HTTP side falls behind the engine, the outputs that
+        # piled up go out together (each frame costs encoding and a socket write). Closed
+        # explicitly, so a client that leaves aborts the request now, not when collected.
+        async with contextlib.aclosing(self.llm.stream_batches(rid)) as batches:
+            async for outs in batches:
+                chunk = TokenChunk.from_outputs(outs)
+                out = outs[-1]
+                if first and chunk.new_token_ids:
+                    first = False
+                    remote = self._paths.pop(rid, None)
+                    chunk.prefill_path = remote.path if remote is not None else "local"
+                    if remote is not None and remote.stats is not None:
+                        chunk.kv_bytes, chunk.kv_seconds = remote.stats.nbytes, remote.stats.seconds
+                    if chunk.prefill_path != "remote":
+                        self.prefill_speed.observe(
+                            out.num_prompt_tokens - out.num_cached_tokens, time.monotonic() - t0
+                        )
+                if out.finished:
+                    self._paths.pop(rid, None)
+                yield frame(chunk)
 
     def _admit(self, eng: LLMEngine, req: GenerateRequest) -> PrefillJob | None:
         """Engine thread: local prefill, or reserve blocks and return the job for a prefill worker."""

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pdserve.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from pdserve.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, fast_backend
 from pdserve.sampling_params import SamplingParams
 
 CORPUS = [
@@ -290,3 +290,37 @@ def test_stop_strings_wait_for_min_tokens(bpe: PreTrainedTokenizerFast) -> None:
         n for n, end in enumerate(_complete_lengths(bpe, ids)) if end >= len("ab STOP cd STOP")
     )
     assert "".join(deltas) == detok.output_text == "ab STOP cd "
+
+
+@pytest.mark.parametrize("stop", [[], ["o", "ü w", "😀"]])
+def test_fast_backend_streams_what_the_wrapper_streams(tokenizer: Any, stop: list[str]) -> None:
+    """The detokenizer calls the Rust decode directly on stock fast tokenizers; the deltas, and
+    where a stop string ends the text, are the same as through tokenizer.decode."""
+    assert fast_backend(tokenizer) is tokenizer.backend_tokenizer
+    params = SamplingParams(stop=stop)
+    prompt_ids = tokenizer.encode("A prompt: ", add_special_tokens=False)
+    for text in TEXTS:
+        output_ids = tokenizer.encode(text, add_special_tokens=False)
+        fast = _stream(tokenizer, prompt_ids, output_ids, params)
+        detok = IncrementalDetokenizer(tokenizer, prompt_ids, params)
+        detok._backend = None  # through the wrapper
+        wrapped: list[str] = []
+        for fed, token_id in enumerate(output_ids, start=1):
+            found = detok.update([token_id])
+            wrapped.append(detok.take_delta(finished=found is not None or fed == len(output_ids)))
+            if found is not None:
+                break
+        assert fast[0] == wrapped, text
+        assert fast[3].output_text == detok.output_text
+
+
+def test_an_overridden_decode_is_respected(bpe: PreTrainedTokenizerFast) -> None:
+    class Shouting(PreTrainedTokenizerFast):
+        def _decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
+            return super()._decode(token_ids, skip_special_tokens, **kwargs).upper()
+
+    shouting = Shouting(tokenizer_object=bpe.backend_tokenizer, eos_token="<eos>")
+    assert fast_backend(shouting) is None
+    output_ids = bpe.encode("hello world", add_special_tokens=False)
+    deltas, _, _, _ = _stream(shouting, [], output_ids, SamplingParams())
+    assert "".join(deltas) == "HELLO WORLD"
