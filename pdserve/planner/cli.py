@@ -134,8 +134,9 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )  # fmt: skip
     p.add_argument("--decode-contexts", default="128,512", help="context per sequence for decode steps")
     p.add_argument(
-        "--max-decode-tokens", type=int, default=8192,
-        help="largest batch x context timed per decode context (each is prefilled first)",
+        "--max-decode-tokens", type=int, default=None,
+        help="largest batch x context timed per decode context (each is prefilled first; "
+        "default: 8192 on a CPU, 262144 on a GPU)",
     )  # fmt: skip
     p.add_argument(
         "--mixed-context", type=int, default=1024,

@@ -18,6 +18,7 @@ a shared machine do not inflate. The fit is perf_fit.fit_steps.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import statistics
@@ -32,6 +33,8 @@ import torch
 from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
 from pdserve.planner.perf_model import PerfModel
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ProfileSpec:
@@ -43,8 +46,9 @@ class ProfileSpec:
     prefill_tokens: list[int] = field(default_factory=lambda: [64, 256, 512, 2048])
     decode_batches: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32])
     decode_contexts: list[int] = field(default_factory=lambda: [128, 512])
-    # A context sweep stops at batch * context = this many tokens (each needs prefilling first).
-    max_decode_tokens: int = 8192
+    # A context sweep stops at batch * context = this many tokens (each needs prefilling first);
+    # None: 8,192 on a CPU, 262,144 on a GPU (where batches of 64-256 are the operating range).
+    max_decode_tokens: int | None = None
     # One sequence this long among short ones (decode_contexts[0]), batches 2-8; 0 skips it.
     mixed_long_context: int = 1024
     transports: list[str] = field(default_factory=lambda: ["local", "shm", "tcp"])
@@ -217,8 +221,12 @@ def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
         prefill += _time_prefill(engine, t, spec.repeats, f"p{t}", clock)
     decode: list[DecodeStep] = []
     steps = max(spec.repeats, 3)
+    cap = spec.max_decode_tokens or (262144 if engine.device.type == "cuda" else 8192)
     for c in spec.decode_contexts:
-        batches = [b for b in spec.decode_batches if b * c <= spec.max_decode_tokens]
+        batches = [b for b in spec.decode_batches if b * c <= cap]
+        if len(batches) < len(spec.decode_batches):
+            skipped = sorted(set(spec.decode_batches) - set(batches))
+            logger.warning("context %d: batches %s skipped (batch x context > %d)", c, skipped, cap)
         if batches:
             decode += _time_decode(engine, [c] * max(batches), batches, steps, f"d{c}", clock)
     if spec.mixed_long_context:
