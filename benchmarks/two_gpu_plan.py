@@ -1,9 +1,9 @@
 """`pdserve plan`'s prediction beside the two-GPU measurement of benchmarks/gpu_serving.py compare.
 
 The perf model is the engine profile measured on one GPU of the same kind (`pdserve profile`, its
-raw step timings refitted with the current fit; on a GPU run it with `--decode-batches
-1,16,64,128 --max-decode-tokens 262144`, as the CPU-sized default stops the sweep at 8,192
-tokens of batch x context), plus the serving cost (per step and per streamed
+raw step timings refitted with the current fit; the profile of this run predates the GPU default
+of `--max-decode-tokens`, so it timed decode batches 1 and 16 only: rerun it with
+`--decode-batches 1,16,64,128`), plus the serving cost (per step and per streamed
 token, beyond the engine step) calibrated on ONE measured run: the lowest-rate short-only 1P1D run,
 where the decode worker serves every request alone. Every other run is out of sample. For each
 measured run, the simulator replays the same requests (same send times and lengths); the goodput
