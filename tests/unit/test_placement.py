@@ -81,3 +81,13 @@ def test_deployment_places_workers_on_their_gpus() -> None:
     )
     (w,) = cpu_dep.plan()
     assert "--device" not in w.cmd and "--gpu-memory-utilization" not in w.cmd
+
+
+def test_serve_refuses_gpus_for_cpu_workers() -> None:
+    from pdserve.config import EngineConfig, ModelConfig
+    from pdserve.launch.serve import deployment_gpus
+
+    cpu = EngineConfig(model=ModelConfig(device="cpu"))
+    assert deployment_gpus(cpu, None) is None
+    with pytest.raises(ValueError, match="--gpus needs the workers on GPUs"):
+        deployment_gpus(cpu, "0,1")
