@@ -38,7 +38,7 @@ from typing import Any
 from serve_proc import Server, decisions
 
 from pdserve.bench.client import RequestResult, run, run_sharded
-from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, summarize
+from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, stats, summarize
 from pdserve.bench.workload import LengthSampler, RequestSpec, random_prompt, synthetic
 from pdserve.engine.shapes import get_shape
 
@@ -76,19 +76,13 @@ def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
 
 def kv_seconds(results: list[RequestResult]) -> dict[str, float]:
     """KV transfer time per remote request, as the decode worker saw it (first chunk to done)."""
-    xs = sorted(
-        float(r.phases["kv_seconds"])
-        for r in results
-        if r.ok and r.phases and r.phases.get("prefill_path") == "remote" and "kv_seconds" in r.phases
+    return stats(
+        [
+            float(r.phases["kv_seconds"])
+            for r in results
+            if r.ok and r.phases and r.phases.get("prefill_path") == "remote" and "kv_seconds" in r.phases
+        ]
     )
-    if not xs:
-        return {"count": 0}
-    return {
-        "count": len(xs),
-        "p50": xs[len(xs) // 2],
-        "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))],
-        "mean": statistics.fmean(xs),
-    }
 
 
 def vocab_size(model: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,23 @@ class RequestOutput:
     # On the last output, where the router knows them: when each phase of the request happened
     # (time.monotonic() of the router process; see router/disagg_client.py), plus the prefill path.
     phases: dict[str, float | str] | None = None
+
+
+def merge_outputs(*outs: RequestOutput) -> RequestOutput:
+    """Consecutive deltas of one request as one: tokens, text and logprobs joined in order,
+    everything else (finish, counts, phases) from the last."""
+    last = outs[-1]
+    if len(outs) == 1:
+        return last
+    logprobs = None
+    if any(o.logprobs is not None for o in outs):
+        logprobs = [lp for o in outs for lp in o.logprobs or ()]
+    return dataclasses.replace(
+        last,
+        new_token_ids=[t for o in outs for t in o.new_token_ids],
+        new_text="".join(o.new_text for o in outs),
+        logprobs=logprobs,
+    )
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from pdserve.outputs import RequestOutput, TokenLogprob
+from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 3
@@ -143,27 +143,13 @@ class TokenChunk:
 
     @classmethod
     def from_output(cls, out: RequestOutput) -> TokenChunk:
-        return cls.from_outputs([out])
-
-    @classmethod
-    def from_outputs(cls, outs: list[RequestOutput]) -> TokenChunk:
-        """Consecutive outputs of one request as one chunk: tokens, text and logprobs joined in
-        order, everything else (finish, counts) from the last."""
-        out = outs[-1]
-        token_ids, text = out.new_token_ids, out.new_text
-        logprobs = out.logprobs
-        if len(outs) > 1:
-            token_ids = [t for o in outs for t in o.new_token_ids]
-            text = "".join(o.new_text for o in outs)
-            if any(o.logprobs is not None for o in outs):
-                logprobs = [lp for o in outs for lp in o.logprobs or ()]
         lps = None
-        if logprobs is not None:
-            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in logprobs]
+        if out.logprobs is not None:
+            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.logprobs]
         return cls(
             request_id=out.request_id,
-            new_token_ids=token_ids,
-            new_text=text,
+            new_token_ids=out.new_token_ids,
+            new_text=out.new_text,
             finished=out.finished,
             finish_reason=out.finish_reason,
             stop_reason=out.stop_reason,
@@ -173,6 +159,11 @@ class TokenChunk:
             num_output_tokens=out.num_output_tokens,
             error=out.error,
         )
+
+    @classmethod
+    def from_outputs(cls, outs: list[RequestOutput]) -> TokenChunk:
+        """Consecutive outputs of one request as one chunk (see outputs.merge_outputs)."""
+        return cls.from_output(merge_outputs(*outs))
 
     def to_output(self) -> RequestOutput:
         lps = None

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from pdserve.outputs import RequestOutput
+from pdserve.outputs import RequestOutput, merge_outputs
 from pdserve.router.metrics import ServerMetrics
 from pdserve.router.serving import APIError, ChoiceResult, ServingContext
 from pdserve.sampling_params import SamplingParams
@@ -119,17 +119,6 @@ async def _pump(
             except Exception:
                 logger.exception("%s: engine.abort failed", sub.request_id)
         queue.put_nowait((sub.index, None))
-
-
-def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one request as one (b later)."""
-    logprobs = (a.logprobs or []) + (b.logprobs or []) if a.logprobs or b.logprobs else None
-    return dataclasses.replace(
-        b,
-        new_token_ids=a.new_token_ids + b.new_token_ids,
-        new_text=a.new_text + b.new_text,
-        logprobs=logprobs,
-    )
 
 
 _Item = tuple[int, "RequestOutput | Exception | None"]
