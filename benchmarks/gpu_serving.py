@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_proc import Server, decisions
+from serve_proc import Server, decisions, engine_reports
 
 from pdserve.bench.client import RequestResult, run, run_sharded
 from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, stats, summarize
@@ -193,13 +193,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     specs = synthetic(
                         WORKLOADS[workload], n, rate, vocab_size(args.model), seed=100 * w_i + r_i
                     )
-                    before, cpu_before = decisions(server.metrics()), server.cpu_seconds()
+                    metrics_before, cpu_before = server.metrics(), server.cpu_seconds()
                     wall = time.monotonic()
                     results = run_sharded(
                         server.url, specs, args.model, args.client_procs, timeout_s=args.timeout_s
                     )
                     wall = time.monotonic() - wall
-                    after, cpu_after = decisions(server.metrics()), server.cpu_seconds()
+                    metrics_after, cpu_after = server.metrics(), server.cpu_seconds()
+                    before, after = decisions(metrics_before), decisions(metrics_after)
                     summary = summarize(results, slo)
                     # Cores busy per process over the run (router near 1.0: it is the bottleneck).
                     summary["cpu_cores"] = {
@@ -209,6 +210,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     }
                     summary["prefill_paths"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                     summary["kv_seconds"] = kv_seconds(results)
+                    # Is each engine thread busy (and with what) or waiting for work?
+                    summary["engines"] = engine_reports(metrics_before, metrics_after, wall)
                     key = f"{cfg}/{workload}@{rate}"
                     report["runs"][key] = summary
                     curve.append((rate, summary["slo_attainment"]))
@@ -219,7 +222,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                         f"{key}: attainment {summary['slo_attainment']:.2f} "
                         f"ttft p50/p99 {summary['ttft_s']['p50']:.3f}/{summary['ttft_s']['p99']:.3f} s "
                         f"tpot p50 {summary['tpot_s']['p50'] * 1e3:.1f} ms "
-                        f"tok/s {summary['output_tok_s']:.0f} cores {summary['cpu_cores']}",
+                        f"tok/s {summary['output_tok_s']:.0f} cores {summary['cpu_cores']}\n"
+                        f"  engines {summary['engines']}",
                         flush=True,
                     )
                     # Past saturation every higher rate fails too: save the device time.

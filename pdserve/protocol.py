@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class ProtocolError(ValueError):
@@ -78,6 +78,8 @@ class WorkerLoad:
     kv_events: list[tuple[str, int]] = field(default_factory=list)
     prefix_cache_hit_tokens: int = 0
     num_preemptions: int = 0
+    # The engine thread's lifetime counters (engine/step_stats.py): steps, tokens, seconds per phase.
+    engine_counters: dict[str, float] = field(default_factory=dict)
 
 
 # ---- router → decode worker ----

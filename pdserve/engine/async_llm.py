@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -22,6 +23,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.client import EngineStats
 from pdserve.engine.engine import KVCacheFactory, LLMEngine, use_device
 from pdserve.engine.loader import LoadedModel
+from pdserve.engine.step_stats import Stopwatch
 from pdserve.outputs import RequestOutput
 from pdserve.sampling_params import SamplingParams
 
@@ -86,7 +88,8 @@ class AsyncLLM:
             self._thread = None
 
     def stats(self) -> EngineStats:
-        return self._stats
+        # The counters are read live (monotonic numbers, each read whole under the GIL).
+        return dataclasses.replace(self._stats, engine_counters={"local": self.engine.counters()})
 
     # ---- asyncio side ----
 
@@ -189,10 +192,13 @@ class AsyncLLM:
 
     def _run(self) -> None:
         use_device(self.engine.device)
+        stats = self.engine.step_stats
         while not self._stop.is_set():
             self._drain_calls(block=not self.engine.has_unfinished())
+            watch = Stopwatch()  # after the wait for work: idle time is counted nowhere
             if self.on_tick is not None:
                 self.on_tick(self.engine)
+            stats.calls_s += watch.lap()
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -200,8 +206,10 @@ class AsyncLLM:
             except Exception:
                 logger.exception("engine step failed; failing all in-flight requests")
                 outputs = self._fail_all()
+            watch.lap()  # the step counts its own phases
             self._stats = self.engine.stats()
             self.deliver_all(outputs)
+            stats.deliver_s += watch.lap()
         self.deliver_all(self._fail_all())
 
     def _drain_calls(self, block: bool) -> None:
@@ -209,6 +217,7 @@ class AsyncLLM:
             call = self._calls.get(timeout=_IDLE_POLL_S) if block else self._calls.get_nowait()
         except queue.Empty:
             return
+        watch = Stopwatch()
         while True:
             self._run_call(call)
             try:
@@ -216,6 +225,7 @@ class AsyncLLM:
             except queue.Empty:
                 break
         self._stats = self.engine.stats()
+        self.engine.step_stats.calls_s += watch.lap()
 
     def _run_call(self, call: _Call) -> None:
         try:

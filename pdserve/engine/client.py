@@ -22,6 +22,9 @@ class EngineStats:
     prefix_cache_query_tokens: int = 0
     # KV usage (0..1) per worker, when the client fronts several; None for a single engine.
     worker_kv_usage: dict[str, float] | None = None
+    # Engine-thread counters (step_stats.StepStats.as_dict()) per engine: "local" for one in-process
+    # engine, worker ids behind a router.
+    engine_counters: dict[str, dict[str, float]] | None = None
 
     @property
     def kv_cache_usage(self) -> float:

@@ -21,6 +21,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner, allocate_kv_caches, num_blocks_for_budget
 from pdserve.engine.sampler import make_generator
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.step_stats import StepStats, Stopwatch
 from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.protocol import PrefillJob
 from pdserve.sampling_params import SamplingParams
@@ -112,6 +113,7 @@ class LLMEngine:
         if self.cuda_graphs:
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.step_stats = StepStats()
         # Prefill side: set by the prefill worker to ship KV of remote-prefill requests.
         self.kv_streamer: KVStreamer | None = None
         # Decode side: aborted remote prefills whose blocks stay held until the writer stops
@@ -236,22 +238,36 @@ class LLMEngine:
             prefix_cache_query_tokens=self.block_manager.query_tokens,
         )
 
+    def counters(self) -> dict[str, float]:
+        return self.step_stats.as_dict()
+
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
+        stats, watch = self.step_stats, Stopwatch()
         sched = self.scheduler.schedule()
+        stats.schedule_s += watch.lap()
         if sched.empty:
             return []
         hook = self.kv_streamer.layer_hook_for(sched.scheduled) if self.kv_streamer is not None else None
         sampled, samples = self.runner.execute(sched.scheduled, hook)
+        stats.forward_s += watch.lap()
+        decode_tokens = 0
         for s in sched.scheduled:
+            decode_tokens += s.num_new_tokens == 1
             s.request.num_computed_tokens += s.num_new_tokens
             self.block_manager.cache_full_blocks(s.request)
-        if samples is None:
-            return []
+        stats.record_step(
+            len(sched.scheduled),
+            sched.num_batched_tokens - decode_tokens,
+            decode_tokens,
+            self.runner.last_step_graph,
+        )
         outputs = []
-        for s, token_id, logprob in zip(sampled, samples.token_ids, samples.logprobs, strict=True):
-            outputs.append(self._postprocess(s.request, token_id, logprob))
+        if samples is not None:
+            for s, token_id, logprob in zip(sampled, samples.token_ids, samples.logprobs, strict=True):
+                outputs.append(self._postprocess(s.request, token_id, logprob))
+        stats.postprocess_s += watch.lap()
         return outputs
 
     def _postprocess(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:

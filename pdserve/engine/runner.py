@@ -121,6 +121,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
+        self.last_step_graph = False  # whether the last execute() replayed a CUDA graph
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pdserve.engine.cuda_graphs import DecodeGraphs
@@ -141,7 +142,9 @@ class ModelRunner:
         self, scheduled: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
     ) -> tuple[list[ScheduledRequest], SamplerOutput | None]:
         """Run one step. Returns the requests that sampled a token, with their samples."""
-        if self.graphs is not None and layer_hook is None and self.graphs.fits(scheduled):
+        self.last_step_graph = self.graphs is not None and layer_hook is None and self.graphs.fits(scheduled)
+        if self.last_step_graph:
+            assert self.graphs is not None
             return scheduled, self._sample(self.graphs.run(scheduled), scheduled)
         inputs = prepare_inputs(scheduled, self.block_size, self.device)
         ctx = ForwardContext(self.backend, inputs.meta, self.kv_caches, layer_hook)

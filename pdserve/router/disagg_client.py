@@ -193,6 +193,7 @@ class DisaggClient:
                 wid: 1 - load.num_free_blocks / max(load.num_total_blocks, 1)
                 for wid, load in self.worker_loads().items()
             },
+            engine_counters={wid: load.engine_counters for wid, load in self.worker_loads().items()},
         )
 
     def worker_loads(self) -> dict[str, WorkerLoad]:

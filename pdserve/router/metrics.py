@@ -15,6 +15,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from pdserve.engine.client import EngineStats
+from pdserve.engine.step_stats import PHASES
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,32 @@ class _EngineStatsCollector(Collector):
         yield CounterMetricFamily(
             "pdserve_num_preemptions", "requests preempted to free KV blocks", value=s.num_preemptions
         )
+        yield from _engine_counter_metrics(s.engine_counters or {})
+
+
+def _engine_counter_metrics(per_engine: dict[str, dict[str, float]]) -> Iterable[Metric]:
+    """Each engine thread's lifetime counters (engine/step_stats.py), labelled by worker."""
+    seconds = CounterMetricFamily(
+        "pdserve_engine_thread_seconds", "engine-thread seconds by phase", labels=["worker", "phase"]
+    )
+    steps = CounterMetricFamily(
+        "pdserve_engine_steps", "engine steps; kind=graph: replayed a CUDA graph", labels=["worker", "kind"]
+    )
+    tokens = CounterMetricFamily(
+        "pdserve_engine_step_tokens", "tokens computed by engine steps", labels=["worker", "kind"]
+    )
+    seqs = CounterMetricFamily(
+        "pdserve_engine_step_seqs", "requests scheduled, summed over steps", labels=["worker"]
+    )
+    for worker, c in sorted(per_engine.items()):
+        for phase in PHASES:
+            seconds.add_metric([worker, phase], c.get(f"{phase}_s", 0.0))
+        steps.add_metric([worker, "all"], c.get("steps", 0))
+        steps.add_metric([worker, "graph"], c.get("graph_steps", 0))
+        tokens.add_metric([worker, "prefill"], c.get("prefill_tokens", 0))
+        tokens.add_metric([worker, "decode"], c.get("decode_tokens", 0))
+        seqs.add_metric([worker], c.get("seqs", 0))
+    yield from (seconds, steps, tokens, seqs)
 
 
 class ServerMetrics:

@@ -85,6 +85,39 @@ def test_remote_prefill_matches_transformers_and_moves_the_whole_kv(
     assert text == expected(smollm2_hf, smollm2, prompt)
 
 
+def test_engine_counters_show_which_worker_computed_what(shm_dep: Deployment, smollm2: LoadedModel) -> None:
+    prompt = long_prompt(smollm2.tokenizer, "harbours")
+
+    def tokens(text: str, role: str, kind: str) -> float:
+        """Tokens of `kind` computed by the workers whose id starts with `role`."""
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("pdserve_engine_step_tokens_total{")
+            and f'worker="{role}-' in line
+            and f'kind="{kind}"' in line
+        )
+
+    m0 = shm_dep.metrics()
+    complete(shm_dep, prompt)
+    # Worker counters reach the router with its load polls: wait for the next ones.
+    deadline = time.monotonic() + 5
+    while True:
+        m1 = shm_dep.metrics()
+        done = tokens(m1, "decode", "decode") - tokens(m0, "decode", "decode") >= NEW_TOKENS - 1
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    # The prefill worker computed the whole prompt; the decode worker one token per output after
+    # the first (which the prefill worker sampled) and no prompt token.
+    assert tokens(m1, "prefill", "prefill") - tokens(m0, "prefill", "prefill") == len(prompt)
+    assert tokens(m1, "decode", "decode") - tokens(m0, "decode", "decode") == NEW_TOKENS - 1
+    assert tokens(m1, "decode", "prefill") == tokens(m0, "decode", "prefill")
+    assert metric(m1, "pdserve_engine_thread_seconds_total", 'phase="forward"') > metric(
+        m0, "pdserve_engine_thread_seconds_total", 'phase="forward"'
+    )
+
+
 def test_short_prompt_is_prefilled_locally(
     shm_dep: Deployment, smollm2: LoadedModel, smollm2_hf: PreTrainedModel
 ) -> None:
