@@ -71,6 +71,9 @@ def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
     return {
         f"{n // 2}P{n - n // 2}D": disagg,
         f"{n}xcolocated": ["--prefill", "0", "--decode", "0", "--colocated", str(n)],
+        # One engine inside the API server, no router and no worker hop: what the HTTP-side
+        # architecture costs, next to 1xcolocated (only with --configs, only for one GPU).
+        "inprocess": ["--inprocess"],
     }
 
 
@@ -168,7 +171,9 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     num_gpus = 1 if args.gpus == "cpu" else len(args.gpus.split(","))
-    configs = compare_configs(args.workers or num_gpus, args.threshold)
+    every = compare_configs(args.workers or num_gpus, args.threshold)
+    names = args.configs or [name for name in every if name != "inprocess"]
+    configs = {name: every[name] for name in names}
     report = header(args) | {
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "configs": configs,
@@ -290,6 +295,7 @@ def main() -> None:
     c.add_argument("--slo-tpot-ms", type=float, default=50.0)
     c.add_argument("--timeout-s", type=float, default=120.0)
     c.add_argument("--client-procs", type=int, default=4, help="load-generator processes")
+    c.add_argument("--configs", nargs="+", help="deployments to run by name (default: xPyD and co-located)")
     args = ap.parse_args()
     if args.experiment == "plots":
         plots(args.out)
