@@ -97,7 +97,14 @@ class DisaggClient:
         self.tokenizer = tokenizer
         self.routing = routing
         self._round_robin = RoundRobin()
-        self._http = httpx.AsyncClient(headers={"x-pdserve-token": token}, timeout=httpx.Timeout(10.0))
+        # One connection per open request stream, and no cap on them: httpx's default pool of 100
+        # would queue request 101 until another request finished, while the workers (which bound
+        # their own batches) still had room.
+        self._http = httpx.AsyncClient(
+            headers={"x-pdserve-token": token},
+            timeout=httpx.Timeout(10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
         self.workers: dict[str, WorkerHandle] = {}
         self.queue = PrefillQueue()
         self.prefix_index: PrefixIndex | None = None
