@@ -102,6 +102,9 @@ def main() -> None:
     )
     parser.add_argument("--sweep", action="store_true", help="also time kernel block-size variants")
     parser.add_argument("--profile", action="store_true", help="kernel time breakdown of eager decode steps")
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="engine runs' KV cache"
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the plumbing only")
     args = parser.parse_args()
     dry = args.dry_run
@@ -122,6 +125,7 @@ def main() -> None:
         guarded(table, "sweep", lambda: gpu_suite_kernels.sweep(table, device, dry))
     bench = gpu_suite_engine.EngineBench(table, model, device, dry, copy_bw, matmul_flops)
     bench.profile_dir = out if args.profile else None
+    bench.kv_cache_dtype = args.kv_cache_dtype
     if not args.skip_engine:
         guarded(table, "engine", bench.run)
     if not args.skip_transfer and not dry:

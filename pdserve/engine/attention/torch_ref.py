@@ -51,8 +51,10 @@ class TorchRefBackend(AttentionBackend):
         for i, seq_len in enumerate(meta.seq_lens):
             s, e = starts[i], starts[i + 1]
             n = e - s
-            if n == seq_len:
+            if n == seq_len and kv_cache.dtype == k.dtype:
                 # Nothing cached before this chunk: attend over the fresh K/V, no gather needed.
+                # (Not with an fp8 cache: every read goes through its rounding, so that a prompt's
+                # output does not depend on how it was chunked, as the Triton kernels do.)
                 ks, vs = k[s:e], v[s:e]
             else:
                 ks, vs = gather_kv(kv_cache, meta.block_tables[i], seq_len)

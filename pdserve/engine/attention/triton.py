@@ -30,8 +30,10 @@ class TritonBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if not kv_cache.is_contiguous() or q.dtype != kv_cache.dtype or q.stride(2) != 1:
-            raise ValueError("triton attention needs a contiguous cache in the query dtype")
+        # An fp8 cache is stored by casting and read back in q's dtype by the kernels.
+        cache_dtype_ok = kv_cache.dtype in (q.dtype, torch.float8_e4m3fn)
+        if not kv_cache.is_contiguous() or not cache_dtype_ok or q.stride(2) != 1:
+            raise ValueError("triton attention needs a contiguous cache in the query dtype or fp8 (e4m3)")
         store_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
         if meta.decode_only:
