@@ -36,3 +36,13 @@ def cache_dir() -> Path:
     """PDSERVE_CACHE_DIR: where derived files are kept between runs, e.g. tokenizers rebuilt from
     GGUF metadata (default ~/.cache/pdserve)."""
     return Path(os.environ.get("PDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pdserve")
+
+
+def gpu_wait() -> str:
+    """PDSERVE_GPU_WAIT: how the engine thread waits for a step's sampled tokens: "spin" (lowest
+    latency, one busy core per worker while the GPU runs) or "block" (the thread sleeps until the GPU
+    signals; the core is free, waking costs latency). Default spin."""
+    value = os.environ.get("PDSERVE_GPU_WAIT", "spin").lower()
+    if value not in ("spin", "block"):
+        raise ValueError(f"PDSERVE_GPU_WAIT must be spin|block, got {value!r}")
+    return value

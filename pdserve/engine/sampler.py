@@ -13,12 +13,15 @@ from typing import Any
 
 import torch
 
+from pdserve import envs
 from pdserve.outputs import TokenLogprob
 from pdserve.sampling_params import SamplingParams
 
 # Dividing by a temperature this small already makes softmax one-hot; anything smaller only risks
 # turning finite logits into inf (and the softmax into NaN).
 _MIN_TEMPERATURE = 1e-6
+# PDSERVE_GPU_WAIT, read once: the engine thread's wait for each step's sampled tokens.
+_BLOCKING_WAIT = envs.gpu_wait() == "block"
 
 
 @dataclass
@@ -149,11 +152,11 @@ def host_list(t: torch.Tensor) -> list[Any]:
     the step is done while holding it, which starves every other thread of the worker (its HTTP
     server streaming tokens, the KV transfer threads) for the whole step."""
     if t.is_cuda:
-        # A blocking event puts the thread to sleep until the GPU is done instead of spinning a
-        # core: the engine's host thread then shows its real CPU use, and frees the core.
-        done = torch.cuda.Event(blocking=True)
+        # Either way the wait releases the GIL. A blocking event sleeps until the GPU signals,
+        # freeing the core but paying a wake-up; spinning returns the moment the step ends.
+        done = torch.cuda.Event(blocking=_BLOCKING_WAIT)
         done.record()
-        done.synchronize()  # releases the GIL
+        done.synchronize()
     return t.tolist()  # type: ignore[no-any-return]
 
 

@@ -221,3 +221,15 @@ def test_sampling_params_validation(kwargs: dict[str, object], message: str) -> 
 
 def test_top_k_minus_one_means_disabled() -> None:
     assert SamplingParams(top_k=-1).top_k == 0
+
+
+def test_gpu_wait_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve import envs
+
+    monkeypatch.delenv("PDSERVE_GPU_WAIT", raising=False)
+    assert envs.gpu_wait() == "spin"
+    monkeypatch.setenv("PDSERVE_GPU_WAIT", "Block")
+    assert envs.gpu_wait() == "block"
+    monkeypatch.setenv("PDSERVE_GPU_WAIT", "poll")
+    with pytest.raises(ValueError, match=r"spin\|block"):
+        envs.gpu_wait()
