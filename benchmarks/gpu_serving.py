@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import time
 from pathlib import Path
@@ -220,7 +221,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     key = f"{cfg}/{workload}@{rate}"
                     report["runs"][key] = summary
                     curve.append((rate, summary["slo_attainment"]))
-                    (args.out / f"{cfg}_{workload}@{rate}.requests.json").write_text(
+                    requests_file(args.out, cfg, workload, rate).write_text(
                         json.dumps([r.__dict__ for r in results])
                     )
                     print(
@@ -244,6 +245,24 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def requests_file(out: Path, cfg: str, workload: str, rate: float) -> Path:
+    """Where a run's per-request results go (read back by plots, two_gpu_plan.py, slo_sweep.py)."""
+    return out / f"{cfg}_{workload}@{rate}.requests.json"
+
+
+_REQUESTS_FILE = re.compile(r"^(?P<config>[^_]+)_(?P<workload>[a-z]+)@(?P<rate>[0-9.]+)\.requests\.json$")
+
+
+def load_runs(out: Path) -> dict[tuple[str, str, float], list[RequestResult]]:
+    """Every saved run of a compare folder: (config, workload, rate) -> its per-request results."""
+    runs = {}
+    for path in sorted(out.iterdir()):
+        if m := _REQUESTS_FILE.match(path.name):
+            results = [RequestResult(**r) for r in json.loads(path.read_text())]
+            runs[(m["config"], m["workload"], float(m["rate"]))] = results
+    return runs
+
+
 def plots(out: Path) -> None:
     """Attainment against rate and latency CDFs from a finished run's files (no GPU needed)."""
     report = json.loads((out / "report.json").read_text())
@@ -262,7 +281,7 @@ def plots(out: Path) -> None:
             runs = {
                 cfg: [RequestResult(**r) for r in json.loads(path.read_text())]
                 for cfg in curves
-                if (path := out / f"{cfg}_{workload}@{rate}.requests.json").is_file()
+                if (path := requests_file(out, cfg, workload, rate)).is_file()
             }
             if len(runs) > 1:
                 plot_cdfs(runs, out / f"cdf_{workload}@{rate}.png")

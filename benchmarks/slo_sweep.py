@@ -12,30 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from gpu_serving import load_runs
 
 from pdserve.bench.client import RequestResult
 from pdserve.bench.report import SLO, goodput, summarize
 
-_RUN = re.compile(r"^(?P<config>[^_]+)_(?P<workload>[a-z]+)@(?P<rate>[0-9.]+)\.requests\.json$")
-
-
-def load_runs(folder: Path) -> dict[tuple[str, str], dict[float, list[RequestResult]]]:
-    runs: dict[tuple[str, str], dict[float, list[RequestResult]]] = {}
-    for path in sorted(folder.iterdir()):
-        if m := _RUN.match(path.name):
-            results = [RequestResult(**r) for r in json.loads(path.read_text())]
-            runs.setdefault((m["config"], m["workload"]), {})[float(m["rate"])] = results
-    return runs
-
 
 def sweep(
-    runs: dict[tuple[str, str], dict[float, list[RequestResult]]], ttft_s: float, tpots_s: list[float]
+    runs: dict[tuple[str, str, float], list[RequestResult]], ttft_s: float, tpots_s: list[float]
 ) -> dict[str, dict[str, float]]:
-    """{"config/workload": {"tpot_ms": goodput req/s}}."""
+    """{"config/workload": {"tpot_ms": goodput req/s}}, from gpu_serving.load_runs."""
+    grouped: dict[tuple[str, str], dict[float, list[RequestResult]]] = {}
+    for (config, workload, rate), results in runs.items():
+        grouped.setdefault((config, workload), {})[rate] = results
     out: dict[str, dict[str, float]] = {}
-    for (config, workload), by_rate in sorted(runs.items()):
+    for (config, workload), by_rate in sorted(grouped.items()):
         row = out.setdefault(f"{config}/{workload}", {})
         for tpot in tpots_s:
             slo = SLO(ttft_s, tpot)

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from gpu_serving import WORKLOADS
+from gpu_serving import WORKLOADS, load_runs
 
 from pdserve.bench.client import RequestResult
 from pdserve.bench.report import SLO, goodput, summarize
@@ -33,8 +32,6 @@ from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.planner import PlanWorkload, goodput_of, serve_command
 from pdserve.planner.simulator import Deployment, simulate
 from pdserve.workers.disagg_policy import DisaggPolicy
-
-_RUN = re.compile(r"^(?P<config>[^_]+)_(?P<workload>[a-z]+)@(?P<rate>[0-9.]+)\.requests\.json$")
 
 
 def perf_model(perf: Path, raw: Path | None, calibrate_on: list[RequestResult]) -> PerfModel:
@@ -77,11 +74,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-    runs: dict[tuple[str, str, float], list[RequestResult]] = {}
-    for path in sorted(args.measured.iterdir()):
-        if m := _RUN.match(path.name):
-            results = [RequestResult(**r) for r in json.loads(path.read_text())]
-            runs[(m["config"], m["workload"], float(m["rate"]))] = results
+    runs = load_runs(args.measured)
     cal = args.measured / f"{args.calibrate}.requests.json"
     perf = perf_model(args.perf, args.perf_raw, [RequestResult(**r) for r in json.loads(cal.read_text())])
     perf_path = args.out.with_suffix(".perf.json")

@@ -189,6 +189,7 @@ class DisaggClient:
 
     def stats(self) -> EngineStats:
         loads = [w.load for w in self.decode_workers() if w.load is not None]
+        every = self.worker_loads()
         return EngineStats(
             num_running=sum(x.num_running for x in loads),
             num_waiting=sum(x.num_waiting + x.num_reserved for x in loads) + self.queue.depth,
@@ -197,10 +198,9 @@ class DisaggClient:
             num_preemptions=sum(x.num_preemptions for x in loads),
             prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in loads),
             worker_kv_usage={
-                wid: 1 - load.num_free_blocks / max(load.num_total_blocks, 1)
-                for wid, load in self.worker_loads().items()
+                wid: 1 - load.num_free_blocks / max(load.num_total_blocks, 1) for wid, load in every.items()
             },
-            engine_counters={wid: load.engine_counters for wid, load in self.worker_loads().items()},
+            engine_counters={wid: load.engine_counters for wid, load in every.items()},
         )
 
     def worker_loads(self) -> dict[str, WorkerLoad]:

@@ -36,7 +36,7 @@ def worker_load(
         kv_events=kv_events,
         prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
         num_preemptions=stats.num_preemptions,
-        engine_counters=llm.engine.counters(),
+        engine_counters=(stats.engine_counters or {}).get("local", {}),
     )
 
 
