@@ -40,7 +40,7 @@ class EngineBench:
         self.engine: LLMEngine | None = None
         self.rng = random.Random(0)
         self.ctx = 64 if dry else 1024
-        self.steps = 8 if dry else 48
+        self.steps = 8 if dry else 96
         self.hf: Any = None
         self.profile_dir: Path | None = None
         self.device_ms = float("nan")
@@ -86,10 +86,10 @@ class EngineBench:
             # Device time of each replay (inputs copy + graph), to tell GPU time from host time.
             replay = graphs.run
 
-            def timed(scheduled: list[Any]) -> torch.Tensor:
+            def timed(scheduled: list[Any], input_ids: torch.Tensor | None = None) -> torch.Tensor:
                 pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 pair[0].record()
-                logits = replay(scheduled)
+                logits = replay(scheduled, input_ids)
                 pair[1].record()
                 events.append(pair)
                 return logits
@@ -104,6 +104,7 @@ class EngineBench:
             for o in outs:
                 tokens[o.request_id] += o.new_token_ids
         elapsed = time.perf_counter() - t_start
+        sync(self.device)  # the step launched ahead by the last call is still running
         if graphs is not None and events:
             del graphs.run  # back to the class's method
             device_ms = statistics.median(a.elapsed_time(b) for a, b in events)
@@ -124,6 +125,7 @@ class EngineBench:
             sync(self.device)
             t0 = time.perf_counter()
             self.engine.step()
+            sync(self.device)  # a step may return before its samples are read (async decode)
             times.append(time.perf_counter() - t0)
             self.drain()
         return statistics.median(times)
@@ -188,6 +190,7 @@ class EngineBench:
         table.add("engine", "decode b1 (CUDA graphs)", f"{rate:.1f} tok/s",
                   f"{step_ms:.2f} ms/step ({self.device_ms:.2f} on the GPU), "
                   f"{100 * rate * weight_bytes / bw:.0f}% of roofline; target >= 160", tok_s=rate)  # fmt: skip
+        self.step_by_step("decode b1", 1, 128, rate)
         graphs, eng.runner.graphs = eng.runner.graphs, None
         self.rng = random.Random(0)  # the same prompt again
         eager_rate, eager_ms, eager_tokens = self.decode_rate(1, 128)
@@ -207,8 +210,25 @@ class EngineBench:
             table.add("engine", f"decode b{batch} at {self.ctx} ctx", f"{rate:.0f} tok/s",
                       f"{step_ms:.2f} ms/step ({self.device_ms:.2f} on the GPU); roofline {roof:.0f} tok/s "
                       f"-> {100 * rate / roof:.0f}%", tok_s=rate)  # fmt: skip
+            self.step_by_step(f"decode b{batch} at {self.ctx} ctx", batch, self.ctx, rate)
 
         self.prefill_runs(arch, eng)
+
+    def step_by_step(self, name: str, batch: int, ctx: int, ahead_rate: float) -> None:
+        """The same decode with every step read before the next is launched (async decode off),
+        right after the run with it on: the side-by-side gain of launching ahead."""
+        eng = self.engine
+        assert eng is not None
+        if not eng.async_decode:
+            return
+        eng.async_decode = False
+        try:
+            rate, step_ms, _ = self.decode_rate(batch, ctx)
+        finally:
+            eng.async_decode = True
+        self.table.add("engine", f"{name}, step by step", f"{rate:.1f} tok/s",
+                       f"{step_ms:.2f} ms/step ({self.device_ms:.2f} on the GPU); launching ahead "
+                       f"{ahead_rate / rate:.3f}x")  # fmt: skip
 
     def prefill_runs(self, arch: ModelArch, eng: LLMEngine) -> None:
         table, lin = self.table, linear_params(arch)

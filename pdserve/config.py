@@ -109,6 +109,13 @@ class EngineConfig:
     enforce_eager: bool = field(
         default=False, metadata=_help("never use CUDA graphs for decode steps (GPU, triton backend)")
     )
+    async_decode: bool | None = field(
+        default=None,
+        metadata=_help(
+            "launch each decode step before the host has read the previous step's tokens, so host "
+            "work overlaps the GPU (default: on with CUDA graphs, off otherwise)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -26,7 +26,9 @@ def _split_kwargs(kwargs: dict[str, Any]) -> EngineConfig:
     """Route flat keyword arguments (block_size=..., max_num_seqs=...) to their config dataclass."""
     parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}}
     owners = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
-    engine_kwargs = {k: kwargs.pop(k) for k in ("attention_backend", "enforce_eager") if k in kwargs}
+    engine_kwargs = {
+        k: kwargs.pop(k) for k in ("attention_backend", "enforce_eager", "async_decode") if k in kwargs
+    }
     for key, value in kwargs.items():
         for part, cls in owners.items():
             if key in {f.name for f in dataclasses.fields(cls)}:

@@ -3,7 +3,9 @@ once per padded batch size and replayed, so a step costs a few input copies and 
 instead of hundreds of kernel launches from Python.
 
 Inputs live in static device buffers; a step writes its rows into pinned host buffers and copies
-them over without waiting. Padding rows get slot -1 (the store kernel skips them) and context
+them over without waiting. Two sets of host buffers alternate: with decode steps launched ahead
+(decode_pipeline.py) the host fills the next step's inputs while the previous copy may still be
+queued behind the step before it. Padding rows get slot -1 (the store kernel skips them) and context
 length 0 (attention writes zeros), so they neither touch the cache nor make NaNs.
 """
 
@@ -54,14 +56,8 @@ class DecodeGraphs:
         # Rows: input ids, positions, slots, context lengths; each [max_bs].
         self.vectors = static(4, max_bs)
         self.block_tables = static(max_bs, max_blocks)  # [max_bs, max_blocks]
-        self._host_vectors = torch.zeros((4, max_bs), dtype=torch.int64, pin_memory=True)
-        self._host_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int64, pin_memory=True)
-        self._np_vectors = self._host_vectors.numpy()
-        self._np_tables = self._host_tables.numpy()
-        # What each host table row holds: (the request's block-table list, entries written). A list
-        # only grows while it lives (freeing a request gives it a new one), so only new entries
-        # need writing; holding the list keeps its identity from being reused.
-        self._rows: list[tuple[list[int], int] | None] = [None] * max_bs
+        self._host = [_HostInputs(max_bs, max_blocks) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32 outputs of each graph
 
@@ -108,29 +104,49 @@ class DecodeGraphs:
             "captured decode CUDA graphs for batch sizes %s in %.1f s", self.sizes, time.monotonic() - t0
         )
 
-    def run(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        """Replay the smallest graph that holds the batch; returns its logits [len(scheduled), vocab]."""
+    def run(self, scheduled: list[ScheduledRequest], input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the smallest graph that holds the batch; returns its logits [len(scheduled), vocab].
+        input_ids [len(scheduled)]: the rows' input tokens when only the device has them."""
         n = len(scheduled)
         bs = next(s for s in self.sizes if s >= n)
-        vec, tables, block_size = self._np_vectors, self._np_tables, self.block_size
+        host = self._host[self._turn]
+        self._turn ^= 1
+        vec, tables, rows, block_size = host.np_vectors, host.np_tables, host.rows, self.block_size
         vec[:, n:bs] = 0
         vec[2, n:bs] = -1
         for i, s in enumerate(scheduled):
             req = s.request
             pos = req.num_computed_tokens
             table = req.block_table
-            vec[0, i] = req.all_token_ids[pos]
+            if input_ids is None:
+                vec[0, i] = req.all_token_ids[pos]
             vec[1, i] = pos
             vec[2, i] = table[pos // block_size] * block_size + pos % block_size
             vec[3, i] = pos + 1
-            row = self._rows[i]
+            row = rows[i]
             written = row[1] if row is not None and row[0] is table else 0
             if written < len(table):
                 tables[i, written : len(table)] = table[written:]
-                self._rows[i] = (table, len(table))
+                rows[i] = (table, len(table))
         # Whole rows (contiguous copies). Columns past a row's own blocks hold stale ids that are
         # never read: attention stops at the row's context length.
-        self.vectors.copy_(self._host_vectors, non_blocking=True)
-        self.block_tables[:bs].copy_(self._host_tables[:bs], non_blocking=True)
+        self.vectors.copy_(host.vectors, non_blocking=True)
+        self.block_tables[:bs].copy_(host.tables[:bs], non_blocking=True)
+        if input_ids is not None:
+            self.vectors[0, :n].copy_(input_ids)  # after the host copy on the same stream
         self.graphs[bs].replay()
         return self.logits[bs][:n]
+
+
+class _HostInputs:
+    """Pinned host copies of the graphs' input buffers, and what their table rows hold."""
+
+    def __init__(self, max_bs: int, max_blocks: int) -> None:
+        self.vectors = torch.zeros((4, max_bs), dtype=torch.int64, pin_memory=True)
+        self.tables = torch.zeros((max_bs, max_blocks), dtype=torch.int64, pin_memory=True)
+        self.np_vectors = self.vectors.numpy()
+        self.np_tables = self.tables.numpy()
+        # What each table row holds: (the request's block-table list, entries written). A list
+        # only grows while it lives (freeing a request gives it a new one), so only new entries
+        # need writing; holding the list keeps its identity from being reused.
+        self.rows: list[tuple[list[int], int] | None] = [None] * max_bs

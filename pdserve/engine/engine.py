@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -13,14 +14,15 @@ from pdserve.config import EngineConfig
 from pdserve.engine.attention.base import get_backend
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.client import EngineStats
+from pdserve.engine.decode_pipeline import InflightStep, plan_continuation
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.kv_output import KVStreamer
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.model import ModelArch
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.runner import ModelRunner, allocate_kv_caches, num_blocks_for_budget
+from pdserve.engine.runner import DeviceFeed, ModelRunner, allocate_kv_caches, num_blocks_for_budget
 from pdserve.engine.sampler import make_generator
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledRequest, Scheduler
 from pdserve.engine.step_stats import StepStats, Stopwatch
 from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.protocol import PrefillJob
@@ -112,6 +114,8 @@ class LLMEngine:
         )
         if self.cuda_graphs:
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+        self.async_decode = config.async_decode if config.async_decode is not None else self.cuda_graphs
+        self._inflight: InflightStep | None = None  # a launched step not read yet (async_decode)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.step_stats = StepStats()
         # Prefill side: set by the prefill worker to ship KV of remote-prefill requests.
@@ -167,9 +171,11 @@ class LLMEngine:
         if req is None:
             return None
         drain = drain_s is not None and req.status == RequestStatus.WAITING_FOR_KV
-        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED, free_blocks=not drain)
         if drain:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED, free_blocks=False)
             self.draining[request_id] = (req, time.monotonic() + (drain_s or 0.0))
+        else:
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
         self._detokenizers.pop(request_id, None)
         logger.info("[%s] aborted", request_id)
         return self._output(req, [], "", None)
@@ -225,7 +231,7 @@ class LLMEngine:
         self.scheduler.add(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -244,31 +250,117 @@ class LLMEngine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the step whose samples the host read. With
+        async_decode that may be the step launched in the previous call (see decode_pipeline.py)."""
+        try:
+            if self._inflight is not None:
+                return self._step_ahead()
+            return self._schedule_and_launch()
+        except BaseException:
+            self._drop_inflight()
+            raise
+
+    def _schedule_and_launch(self) -> list[RequestOutput]:
         stats, watch = self.step_stats, Stopwatch()
         sched = self.scheduler.schedule()
         stats.schedule_s += watch.lap()
         if sched.empty:
             return []
         hook = self.kv_streamer.layer_hook_for(sched.scheduled) if self.kv_streamer is not None else None
-        sampled, samples = self.runner.execute(sched.scheduled, hook)
+        sampled, pending = self.runner.launch(sched.scheduled, hook)
+        self._advance(sched.scheduled)
+        if pending is None:
+            stats.forward_s += watch.lap()
+            return []
+        if self.async_decode and self.kv_streamer is None:
+            self._inflight = InflightStep(sampled, pending)
+            stats.forward_s += watch.lap()
+            return []  # read in the next call, after the step that follows is queued
+        samples = pending.result()
         stats.forward_s += watch.lap()
-        decode_tokens = 0
-        for s in sched.scheduled:
-            decode_tokens += s.num_new_tokens == 1
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(s.request)
-        stats.record_step(
-            len(sched.scheduled),
-            sched.num_batched_tokens - decode_tokens,
-            decode_tokens,
-            self.runner.last_step_graph,
-        )
-        outputs = []
-        if samples is not None:
-            for s, token_id, logprob in zip(sampled, samples.token_ids, samples.logprobs, strict=True):
-                outputs.append(self._postprocess(s.request, token_id, logprob))
+        outputs = self._outputs(sampled, samples.token_ids, samples.logprobs)
         stats.postprocess_s += watch.lap()
         return outputs
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Queue the continuation of the in-flight step (if it is one), then read the in-flight step."""
+        stats, watch = self.step_stats, Stopwatch()
+        prev = self._inflight
+        assert prev is not None
+        batch = [s.request for s in prev.sampled]
+        rows = plan_continuation(
+            batch, self.scheduler.running, bool(self.scheduler.waiting), self.max_model_len
+        )
+        # Each row needs a slot for its next token; short of blocks, the scheduler decides (preempts).
+        if rows is not None and not all(self.block_manager.allocate(batch[i], 1) for i in rows):
+            rows = None
+        stats.schedule_s += watch.lap()
+        nxt = None
+        if rows is not None:
+            cont = [ScheduledRequest(batch[i], 1, ahead=1) for i in rows]
+            sampled, pending = self.runner.launch(cont, None, DeviceFeed(prev.pending.token_ids, rows))
+            assert pending is not None, "a continuation samples every row"
+            nxt = InflightStep(sampled, pending)
+            stats.ahead_steps += 1
+        self._inflight = nxt  # from here on, requests finishing in it keep their blocks until it ends
+        try:
+            samples = prev.pending.result()
+        finally:
+            for req in prev.deferred:
+                self.block_manager.free(req)
+        stats.forward_s += watch.lap()
+        outputs = self._outputs(prev.sampled, samples.token_ids, samples.logprobs)
+        if nxt is not None:
+            self._advance(nxt.sampled)
+        stats.postprocess_s += watch.lap()
+        if nxt is None:
+            # Plan and queue the next step before handing these outputs back, so the GPU is not
+            # idle while the caller streams them.
+            outputs += self._schedule_and_launch()
+        return outputs
+
+    def _advance(self, scheduled: list[ScheduledRequest]) -> None:
+        """Account a launched step: its tokens' KV is (being) computed."""
+        decode_tokens = num_tokens = 0
+        for s in scheduled:
+            decode_tokens += s.num_new_tokens == 1
+            num_tokens += s.num_new_tokens
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            if not req.status.finished:
+                self.block_manager.cache_full_blocks(req)
+        self.step_stats.record_step(
+            len(scheduled), num_tokens - decode_tokens, decode_tokens, self.runner.last_step_graph
+        )
+
+    def _outputs(
+        self, sampled: list[ScheduledRequest], token_ids: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[RequestOutput]:
+        outputs = []
+        for s, token_id, logprob in zip(sampled, token_ids, logprobs, strict=True):
+            if not s.request.status.finished:  # else aborted or stopped while its step ran: dropped
+                outputs.append(self._postprocess(s.request, token_id, logprob))
+        return outputs
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Finish a request; its blocks are freed now, or when the in-flight step writing them ends."""
+        inflight = self._inflight
+        if inflight is not None and inflight.holds(req) and not req.status.finished:
+            self.scheduler.finish(req, status, free_blocks=False)
+            inflight.deferred.append(req)
+        else:
+            self.scheduler.finish(req, status)
+
+    def _drop_inflight(self) -> None:
+        """After a failed step: forget the in-flight step and free what waited for it."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        if self.device.type == "cuda":
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+        for req in inflight.deferred:
+            self.block_manager.free(req)
 
     def _postprocess(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
         if req.kv_job is not None and self.kv_streamer is not None:
@@ -281,7 +373,7 @@ class LLMEngine:
             if stop_str is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
         if status is not None:
-            self.scheduler.finish(req, status)
+            self._finish(req, status)
         text = detok.take_delta(status is not None) if detok is not None else ""
         if status is not None:
             self._detokenizers.pop(req.request_id, None)

@@ -12,7 +12,7 @@ import torch
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pdserve.engine.model import CausalLM, ModelArch
-from pdserve.engine.sampler import Sampler, SamplerOutput
+from pdserve.engine.sampler import PendingSamples, Sampler, SamplerOutput
 from pdserve.engine.scheduler import ScheduledRequest
 
 if TYPE_CHECKING:
@@ -26,6 +26,23 @@ class ModelInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] row of each sampling request's last token
     sampled: list[ScheduledRequest]  # the requests that get a new token this step, in row order
+
+
+@dataclass
+class DeviceFeed:
+    """Input ids of a decode step that follows one whose samples are still on the device: row i
+    of the new step reads `token_ids[rows[i]]` of the previous one."""
+
+    token_ids: torch.Tensor  # [num_prev_rows] int64, the previous step's samples
+    rows: list[int]
+
+    def input_ids(self) -> torch.Tensor:  # [len(rows)]
+        if self.rows == list(range(len(self.token_ids))):
+            return self.token_ids
+        index = torch.tensor(self.rows, dtype=torch.int64)
+        if self.token_ids.is_cuda:  # through pinned memory: queued, not waited for
+            index = index.pin_memory().to(self.token_ids.device, non_blocking=True)
+        return self.token_ids.index_select(0, index)
 
 
 def allocate_kv_caches(
@@ -67,7 +84,8 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
         end = start + n
         table = req.block_table
         if n == 1:  # a decode token: the common case, without building ranges
-            input_ids.append(req.all_token_ids[start])
+            # A token still on the device (s.ahead) gets a placeholder: the runner feeds it.
+            input_ids.append(req.all_token_ids[start] if not s.ahead else 0)
             positions.append(start)
             slots.append(table[start // block_size] * block_size + start % block_size)
         else:
@@ -78,7 +96,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
         num_tokens += n
         query_start_loc.append(num_tokens)
         seq_lens.append(end)
-        if end == req.num_tokens:  # s.samples
+        if end == req.num_tokens + s.ahead:  # s.samples
             logits_indices.append(num_tokens - 1)
             sampled.append(s)
         tables += table
@@ -141,12 +159,29 @@ class ModelRunner:
     def execute(
         self, scheduled: list[ScheduledRequest], layer_hook: Callable[[int], None] | None = None
     ) -> tuple[list[ScheduledRequest], SamplerOutput | None]:
-        """Run one step. Returns the requests that sampled a token, with their samples."""
+        """Run one step and wait for its samples. Returns the requests that sampled a token, with
+        their samples."""
+        sampled, pending = self.launch(scheduled, layer_hook)
+        return sampled, pending.result() if pending is not None else None
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        scheduled: list[ScheduledRequest],
+        layer_hook: Callable[[int], None] | None = None,
+        feed: DeviceFeed | None = None,
+    ) -> tuple[list[ScheduledRequest], PendingSamples | None]:
+        """Queue one step on the device without waiting for it (on a GPU). `feed` gives the input
+        ids of `ahead` rows, which only the device knows yet."""
+        input_ids = feed.input_ids() if feed is not None else None
         self.last_step_graph = self.graphs is not None and layer_hook is None and self.graphs.fits(scheduled)
         if self.last_step_graph:
             assert self.graphs is not None
-            return scheduled, self._sample(self.graphs.run(scheduled), scheduled)
+            return scheduled, self._sample(self.graphs.run(scheduled, input_ids), scheduled)
         inputs = prepare_inputs(scheduled, self.block_size, self.device)
+        if input_ids is not None:
+            assert input_ids.shape == inputs.input_ids.shape, "a fed step holds decode rows only"
+            inputs.input_ids = input_ids
         ctx = ForwardContext(self.backend, inputs.meta, self.kv_caches, layer_hook)
         hidden = self.model(inputs.input_ids, inputs.positions, ctx)  # [num_tokens, hidden]
         if not inputs.sampled:
@@ -154,17 +189,17 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampled, vocab]
         return inputs.sampled, self._sample(logits, inputs.sampled)
 
-    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, sampled: list[ScheduledRequest]) -> PendingSamples:
         params = [s.request.params for s in sampled]
         generators = [s.request.generator for s in sampled]
-        return self.sampler(logits, params, generators, self._suppressed(sampled))
+        return self.sampler.launch(logits, params, generators, self._suppressed(sampled))
 
     def _suppressed(self, sampled: list[ScheduledRequest]) -> list[list[int]] | None:
         """Stop tokens are banned until a request has produced its min_tokens."""
         rows = []
         for s in sampled:
             req = s.request
-            if req.num_output_tokens < req.params.min_tokens:
+            if req.num_output_tokens + s.ahead < req.params.min_tokens:
                 eos = [] if req.params.ignore_eos else list(self.eos_token_ids)
                 rows.append(eos + req.params.stop_token_ids)
             else:

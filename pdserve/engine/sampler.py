@@ -2,12 +2,13 @@
 per-request seeds, suppressed ids (min_tokens) and logprobs.
 
 Everything stays on the logits' device until one final transfer, so on a GPU the sampler costs a
-single host sync per step.
+single host sync per step, and that sync can wait: `launch` returns the sampled ids on the device
+(the next decode step can read them there) and a copy to the host that `result()` waits for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,36 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return generator
 
 
+class PendingSamples:
+    """A step's samples on their way to the host. `token_ids` [N] (int64) stay on the logits'
+    device for a next step to read; `result()` waits for the host copy and unpacks it."""
+
+    def __init__(
+        self, token_ids: torch.Tensor, packed: torch.Tensor, unpack: Callable[[list[Any]], SamplerOutput]
+    ) -> None:
+        self.token_ids = token_ids
+        self._unpack = unpack
+        self._event: torch.cuda.Event | None = None
+        if packed.is_cuda:
+            # Into pinned memory without waiting; the event marks the copy's end on the stream, so
+            # result() waits for this step only, not for steps launched after it.
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event(blocking=_BLOCKING_WAIT)
+            self._event.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            # Waits with the GIL released (unlike .tolist() on a CUDA tensor, which would starve
+            # every other thread of the worker for the whole step: its HTTP server streaming
+            # tokens, the KV transfer threads). A blocking event sleeps until the GPU signals,
+            # freeing the core but paying a wake-up; spinning returns the moment the step ends.
+            self._event.synchronize()
+        return self._unpack(self._host.tolist())
+
+
 class Sampler:
     def __call__(
         self,
@@ -47,7 +78,17 @@ class Sampler:
         generators: list[torch.Generator | None],
         suppress_token_ids: list[list[int]] | None = None,
     ) -> SamplerOutput:
-        """Sample one token per row of `logits` [N, V] (float32).
+        """Sample now and wait for the result on the host; see launch()."""
+        return self.launch(logits, params, generators, suppress_token_ids).result()
+
+    def launch(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        suppress_token_ids: list[list[int]] | None = None,
+    ) -> PendingSamples:
+        """Sample one token per row of `logits` [N, V] (float32), without waiting for the device.
 
         Logprobs describe the *model's* distribution: log_softmax of the raw logits, before
         suppression, temperature, top-k and top-p. They say how likely the model found a token,
@@ -63,7 +104,7 @@ class Sampler:
 
         masked = _suppress(logits, suppress_token_ids) if suppress_token_ids else logits
         token_ids = _sample(masked, params, generators)  # [N]
-        return _to_output(logits, token_ids, params)
+        return _pending_output(logits, token_ids, params)
 
 
 def _suppress(logits: torch.Tensor, suppress_token_ids: list[list[int]]) -> torch.Tensor:
@@ -147,24 +188,18 @@ def _exponential_race(
     return (probs / noise).argmax(dim=-1)  # [N]
 
 
-def host_list(t: torch.Tensor) -> list[Any]:
-    """t.tolist(), waiting for the GPU without the GIL: `.tolist()` on a CUDA tensor blocks until
-    the step is done while holding it, which starves every other thread of the worker (its HTTP
-    server streaming tokens, the KV transfer threads) for the whole step."""
-    if t.is_cuda:
-        # Either way the wait releases the GIL. A blocking event sleeps until the GPU signals,
-        # freeing the core but paying a wake-up; spinning returns the moment the step ends.
-        done = torch.cuda.Event(blocking=_BLOCKING_WAIT)
-        done.record()
-        done.synchronize()
-    return t.tolist()  # type: ignore[no-any-return]
-
-
-def _to_output(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
-    """Gather logprobs where asked and bring everything to the host in one transfer."""
+def _pending_output(
+    logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
+) -> PendingSamples:
+    """Gather logprobs where asked and start bringing everything to the host in one transfer."""
     wanted_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+    num_rows = len(params)
     if not wanted_rows:
-        return SamplerOutput(token_ids=host_list(token_ids), logprobs=[None] * len(params))
+
+        def ids_only(packed: list[Any]) -> SamplerOutput:
+            return SamplerOutput(token_ids=packed, logprobs=[None] * num_rows)
+
+        return PendingSamples(token_ids, token_ids, ids_only)
 
     device = logits.device
     rows = _to_device(wanted_rows, torch.long, device)
@@ -173,18 +208,20 @@ def _to_output(logits: torch.Tensor, token_ids: torch.Tensor, params: list[Sampl
     num_top = max(params[row].logprobs or 0 for row in wanted_rows)
     top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)  # [M, K] each, most likely first
 
-    # Pack ids and logprobs as float64 (exact for ids < 2**53) so one .tolist() is the only sync.
-    packed = host_list(
-        torch.cat(
-            [
-                token_ids.double(),
-                sampled.double().flatten(),
-                top_ids.double().flatten(),
-                top_logprobs.double().flatten(),
-            ]
-        )
+    # Pack ids and logprobs as float64 (exact for ids < 2**53) so one copy is the only sync.
+    packed = torch.cat(
+        [
+            token_ids.double(),
+            sampled.double().flatten(),
+            top_ids.double().flatten(),
+            top_logprobs.double().flatten(),
+        ]
     )
-    return _unpack(packed, len(params), wanted_rows, num_top, params)
+
+    def with_logprobs(values: list[Any]) -> SamplerOutput:
+        return _unpack(values, num_rows, wanted_rows, num_top, params)
+
+    return PendingSamples(token_ids, packed, with_logprobs)
 
 
 def _unpack(

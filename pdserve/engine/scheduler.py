@@ -24,12 +24,15 @@ logger = logging.getLogger(__name__)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    # Tokens already sampled on the device but not yet appended to the request: a decode step
+    # launched before the previous step's tokens reached the host (see decode_pipeline.py).
+    ahead: int = 0
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so a next token is sampled."""
         req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens + self.ahead
 
 
 @dataclass

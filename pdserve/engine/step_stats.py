@@ -20,6 +20,7 @@ PHASES = ("calls", "schedule", "forward", "postprocess", "deliver")
 class StepStats:
     steps: int = 0
     graph_steps: int = 0  # decode-only steps that replayed a captured CUDA graph
+    ahead_steps: int = 0  # decode steps launched before the previous step's samples were read
     seqs: int = 0  # sum over steps of the requests scheduled (mean batch = seqs / steps)
     prefill_tokens: int = 0  # prompt tokens computed (chunks of several tokens)
     decode_tokens: int = 0  # one-token chunks
@@ -67,6 +68,7 @@ def per_step_report(before: dict[str, float], after: dict[str, float], wall_s: f
     report = {
         "steps_per_s": steps / wall_s if wall_s > 0 else 0.0,
         "graph_step_share": diff.get("graph_steps", 0.0) / steps if steps else 0.0,
+        "ahead_step_share": diff.get("ahead_steps", 0.0) / steps if steps else 0.0,
         "mean_batch": diff.get("seqs", 0.0) / steps if steps else 0.0,
         "prefill_tok_s": diff.get("prefill_tokens", 0.0) / wall_s if wall_s > 0 else 0.0,
         "decode_tok_s": diff.get("decode_tokens", 0.0) / wall_s if wall_s > 0 else 0.0,

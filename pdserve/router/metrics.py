@@ -79,7 +79,9 @@ def _engine_counter_metrics(per_engine: dict[str, dict[str, float]]) -> Iterable
         "pdserve_engine_thread_seconds", "engine-thread seconds by phase", labels=["worker", "phase"]
     )
     steps = CounterMetricFamily(
-        "pdserve_engine_steps", "engine steps; kind=graph: replayed a CUDA graph", labels=["worker", "kind"]
+        "pdserve_engine_steps",
+        "engine steps; kind=graph: replayed a CUDA graph, kind=ahead: launched before the previous step was read",
+        labels=["worker", "kind"],
     )
     tokens = CounterMetricFamily(
         "pdserve_engine_step_tokens", "tokens computed by engine steps", labels=["worker", "kind"]
@@ -92,6 +94,7 @@ def _engine_counter_metrics(per_engine: dict[str, dict[str, float]]) -> Iterable
             seconds.add_metric([worker, phase], c.get(f"{phase}_s", 0.0))
         steps.add_metric([worker, "all"], c.get("steps", 0))
         steps.add_metric([worker, "graph"], c.get("graph_steps", 0))
+        steps.add_metric([worker, "ahead"], c.get("ahead_steps", 0))
         tokens.add_metric([worker, "prefill"], c.get("prefill_tokens", 0))
         tokens.add_metric([worker, "decode"], c.get("decode_tokens", 0))
         seqs.add_metric([worker], c.get("seqs", 0))

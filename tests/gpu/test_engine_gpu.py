@@ -42,9 +42,9 @@ def count_replays(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     original = DecodeGraphs.run
 
-    def run(self: DecodeGraphs, scheduled: list[Any]) -> torch.Tensor:
+    def run(self: DecodeGraphs, scheduled: list[Any], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         sizes.append(len(scheduled))
-        return original(self, scheduled)
+        return original(self, scheduled, input_ids)
 
     monkeypatch.setattr(DecodeGraphs, "run", run)
     return sizes
@@ -88,3 +88,29 @@ def test_graph_replay_matches_eager_bf16(tiny_dirs: dict[str, Path], monkeypatch
 def test_cpu_engine_keeps_the_torch_backend(tiny_dirs: dict[str, Path]) -> None:
     llm = LLM(str(tiny_dirs["llama"]), device="cpu", num_blocks=64)
     assert llm.engine.runner.backend.name == "torch" and not llm.engine.cuda_graphs
+
+
+def test_decode_ahead_matches_step_by_step_on_graphs(tiny_dirs: dict[str, Path]) -> None:
+    """Graph steps launched before the previous step's samples reach the host (the default with
+    CUDA graphs) give the tokens, stops and logprobs of step-by-step graph steps."""
+    batch = prompts([12, 3, 40, 25, 7], seed=7)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=31, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, max_tokens=17, seed=5, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=26, ignore_eos=True, min_tokens=4),
+    ]
+    results = {}
+    for ahead in (False, True):
+        llm = LLM(str(tiny_dirs["llama"]), device="cuda", dtype="float32", block_size=4, num_blocks=512,
+                  async_decode=ahead)  # fmt: skip
+        out = llm.generate(batch, params)
+        results[ahead] = [
+            (r.outputs[0].token_ids, [round(x.logprob, 4) for x in r.outputs[0].logprobs or []]) for r in out
+        ]
+        stats = llm.engine.step_stats
+        assert llm.engine.cuda_graphs and stats.graph_steps > 20
+        assert (stats.ahead_steps > 20) == ahead
+        assert llm.engine.block_manager.num_free_blocks == 512
+    assert results[True] == results[False]
