@@ -192,6 +192,21 @@ class WorkerConfig:
             "with the prefill queue saturated, the longest prompt a decode worker prefills itself"
         ),
     )
+    prefill_serves_whole: bool = field(
+        default=False,
+        metadata=_help(
+            "router: send a prompt below --remote-prefill-threshold to a prefill worker that has no "
+            "prefill work and fewer requests than the decode worker, which then serves it whole "
+            "(prefill and decode), so an idle prefill GPU adds decode capacity"
+        ),
+    )
+    max_whole_per_prefill_worker: int = field(
+        default=16,
+        metadata=_help(
+            "with --prefill-serves-whole, the most whole requests one prefill worker holds at once "
+            "(the decode batch a long prompt that arrives later shares its steps with)"
+        ),
+    )
     link_gbps: float = field(default=4.0, metadata=_help("KV link bandwidth estimate, GB/s (decision only)"))
     prefill_tokens_per_s: float = field(
         default=1500.0, metadata=_help("local prefill speed estimate before measurements (decision only)")
@@ -214,5 +229,9 @@ class WorkerConfig:
             raise ValueError(f"kv_timeout_s must be > 0, got {self.kv_timeout_s}")
         if self.kv_layers_per_chunk < 1:
             raise ValueError(f"kv_layers_per_chunk must be >= 1, got {self.kv_layers_per_chunk}")
+        if self.max_whole_per_prefill_worker < 1:
+            raise ValueError(
+                f"max_whole_per_prefill_worker must be >= 1, got {self.max_whole_per_prefill_worker}"
+            )
         if self.role == "prefill" and not self.router_url:
             raise ValueError("a prefill worker needs --router-url to pull jobs from")

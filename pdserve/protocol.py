@@ -82,7 +82,7 @@ class WorkerLoad:
     engine_counters: dict[str, float] = field(default_factory=dict)
 
 
-# ---- router → decode worker ----
+# ---- router → decode worker (or a prefill worker serving a request whole) ----
 
 
 @dataclass
@@ -139,7 +139,8 @@ class TokenChunk:
     num_output_tokens: int = 0
     error: str | None = None
     # Set on the first chunk: how the prompt was prefilled and what the transfer cost.
-    prefill_path: str | None = None  # "local" | "remote" | "fallback"
+    # "whole": a prefill worker served the request end to end (router/whole_policy.py).
+    prefill_path: str | None = None  # "local" | "remote" | "fallback" | "whole"
     kv_bytes: int = 0
     kv_seconds: float = 0.0
 

@@ -272,7 +272,9 @@ class LLMEngine:
         if pending is None:
             stats.forward_s += watch.lap()
             return []
-        if self.async_decode and self.kv_streamer is None:
+        # A step that ships KV (a prefill worker's job) is read at once: its first token must follow
+        # its KV out. A prefill worker's whole requests (router/whole_policy.py) may run ahead.
+        if self.async_decode and hook is None and all(s.request.kv_job is None for s in sampled):
             self._inflight = InflightStep(sampled, pending)
             stats.forward_s += watch.lap()
             return []  # read in the next call, after the step that follows is queued

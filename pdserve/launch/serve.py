@@ -17,6 +17,7 @@ from pdserve.cli_args import dataclass_to_argv
 from pdserve.config import PER_WORKER_FIELDS, EngineConfig, ServerConfig, WorkerConfig
 from pdserve.launch.local import LocalDeployment, free_port
 from pdserve.launch.placement import parse_gpus, resolve_transport
+from pdserve.router.whole_policy import WholePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,28 @@ def serve_deployment(
     try:
         deployment.start(secret)
         deployment.wait_healthy(WORKER_START_TIMEOUT_S)
-        aio.run(_serve_router(deployment, engine_cfg, server_cfg, secret.encode(), args.routing))
+        aio.run(
+            _serve_router(
+                deployment,
+                engine_cfg,
+                server_cfg,
+                secret.encode(),
+                args.routing,
+                whole_policy(worker_defaults),
+            )
+        )
     except KeyboardInterrupt:
         logger.info("interrupted: stopping the deployment")
     finally:
         deployment.stop()
         logger.info("deployment stopped")
+
+
+def whole_policy(worker_defaults: WorkerConfig) -> WholePolicy | None:
+    """The router's rule for serving short requests whole on idle prefill workers, if enabled."""
+    if not worker_defaults.prefill_serves_whole:
+        return None
+    return WholePolicy(worker_defaults.remote_prefill_threshold, worker_defaults.max_whole_per_prefill_worker)
 
 
 def deployment_gpus(engine_cfg: EngineConfig, spec: str | None) -> list[int] | None:
@@ -93,6 +110,7 @@ async def _serve_router(
     server_cfg: ServerConfig,
     secret: bytes,
     routing: str,
+    whole: WholePolicy | None,
 ) -> None:
     import uvicorn
 
@@ -103,7 +121,7 @@ async def _serve_router(
 
     token = envs.internal_token(secret)
     tokenizer = await asyncio.to_thread(load_tokenizer, engine_cfg.model)
-    client = DisaggClient([w.url for w in deployment.workers], token, tokenizer, routing)
+    client = DisaggClient([w.url for w in deployment.workers], token, tokenizer, routing, whole)
     await client.start()
     if engine_cfg.model.served_model_name:
         client.model_name = engine_cfg.model.served_model_name

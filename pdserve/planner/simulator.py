@@ -10,7 +10,9 @@ Deployments: `colocated` (k workers, chunked prefill), and disaggregated xPyD wh
 worker applies `choose_prefill_path` (workers/disagg_policy.py) per request; prefill workers pull
 from one shared FIFO queue when their own waiting queue is empty (as workers/prefill.py does),
 KV moves over a link of the given fabric, streamed layer by layer behind the prefill, and the
-request then queues at the front of its decode worker. Results are RequestResults, so
+request then queues at the front of its decode worker. With a WholePolicy (`--prefill-serves-whole`)
+the router first asks `choose_whole_target` (router/whole_policy.py) whether an idle prefill worker
+serves a short request whole, which it then runs like a co-located worker. Results are RequestResults, so
 bench/report.py computes the percentiles and goodput; each carries the phase timestamps the
 router would send (`phases`), so a measurement can be compared with its prediction phase by phase.
 
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 
 from pdserve.bench.client import RequestResult
 from pdserve.planner.perf_model import PerfModel
+from pdserve.router.policy import Candidate
+from pdserve.router.whole_policy import PrefillCandidate, WholePolicy, choose_whole_target
 from pdserve.workers.disagg_policy import DisaggPolicy, choose_prefill_path
 
 
@@ -53,6 +57,8 @@ class Deployment:
     policy: DisaggPolicy | None = None
     # The decode worker's starting estimate of its local prefill speed (it then learns it).
     local_prefill_tokens_per_s: float = 1500.0
+    # The router's rule for idle prefill workers serving short requests whole; None: they only prefill.
+    whole: WholePolicy | None = None
 
     def __post_init__(self) -> None:
         if self.colocated and (self.prefill or self.decode):
@@ -71,7 +77,8 @@ class Deployment:
         if self.colocated:
             return f"colocated x{self.colocated}"
         kind = "conditional " if self.policy is not None else ""
-        return f"{kind}{self.prefill}P{self.decode}D"
+        whole = " (prefill serves whole)" if self.whole is not None else ""
+        return f"{kind}{self.prefill}P{self.decode}D{whole}"
 
 
 @dataclass(eq=False)
@@ -81,6 +88,7 @@ class _Req:
     num_output: int = 0
     token_times: list[float] = field(default_factory=list)
     remote: bool = False
+    whole: bool = False  # served end to end by a prefill worker
     decode_worker: _Worker | None = None
     # Phase timestamps (absolute), as the router records them.
     enqueued: float | None = None
@@ -128,6 +136,7 @@ class _Worker:
         self.on_idle_room: Callable[[_Worker], None] | None = None  # prefill role: pull more
         self.prefill_started: dict[int, float] = {}  # prefill role: request index -> first chunk
         self.pending: list[Callable[[], None]] = []  # engine calls waiting for the step to end
+        self.streams = 0  # requests it streams to clients, counted from routing to the last token
 
     @property
     def load(self) -> int:
@@ -169,13 +178,15 @@ class _Worker:
         chunks = [(n, r.num_computed) for r, n in batch if not r.decoding]
         ctx = sum(r.num_computed for r in decodes)
         max_ctx = max((r.num_computed for r in decodes), default=0)
-        # Tokens this step sends to clients; a prefill worker's first token goes with the KV.
-        sampled = sum(r.num_computed + n >= r.num_tokens for r, n in batch)
-        streamed = 0 if self.role == "prefill" else sampled
+        # Tokens this step sends to clients; a prefill job's first token goes with the KV.
+        streamed = sum(
+            self.role != "prefill" or r.whole for r, n in batch if r.num_computed + n >= r.num_tokens
+        )
         dt = self.perf.step_s(len(decodes), ctx, chunks, max_ctx, streamed)
         if self.role == "prefill":
             for r, _ in batch:
-                self.prefill_started.setdefault(r.spec.index, self.sim.now)
+                if not r.whole:
+                    self.prefill_started.setdefault(r.spec.index, self.sim.now)
         self.busy = True
         self.sim.at(self.sim.now + dt, lambda: self._finish_step(batch))
         if self.on_idle_room is not None and not self.waiting:
@@ -187,7 +198,7 @@ class _Worker:
             req.num_computed += n
             if req.num_computed < req.num_tokens:
                 continue  # mid-prompt chunk: nothing sampled
-            if self.role == "prefill":
+            if self.role == "prefill" and not req.whole:
                 self.running.remove(req)
                 req.num_output = 1  # the prefill worker samples the first token
                 assert self.on_prefilled is not None
@@ -197,6 +208,7 @@ class _Worker:
             req.token_times.append(now)
             if req.num_output >= req.spec.output_len:
                 self.running.remove(req)
+                self.streams -= 1
         while self.pending:  # calls made during the step, and any they make in turn
             calls, self.pending = self.pending, []
             for fn in calls:
@@ -223,16 +235,40 @@ class _Cluster:
         self.link_free: dict[str, float] = {p.name: 0.0 for p in self.prefillers}
         self.prefill_speed = dep.local_prefill_tokens_per_s
         self.decisions: dict[str, int] = {"local": 0, "remote": 0}
+        if dep.whole is not None:
+            self.decisions["whole"] = 0
 
     def arrive(self, req: _Req) -> None:
         d = min(self.decoders, key=lambda w: w.load)
-        req.decode_worker = d
+        target = self._whole_target(req, d) or d
+        req.decode_worker = target
+        target.streams += 1
+        if target is not d:
+            req.whole = True
+            self.decisions["whole"] += 1
+            target.add(req)
+            return
         if self.dep.colocated or not self.prefillers:
             self.decisions["local"] += 1
             d.add(req)
             return
         depth = len(self.queue)  # the router sends the depth it sees on arrival
         d.call(lambda: self._admit(req, d, depth))
+
+    def _whole_target(self, req: _Req, d: _Worker) -> _Worker | None:
+        """The router's whole-request choice. No prefix caching or KV memory here: nothing is cached
+        and usage is nil; loads are the streams routed to each worker, counted as the router does."""
+        if self.dep.whole is None:
+            return None
+        cands = [
+            PrefillCandidate(
+                p.name, 0, p.streams, 0, 0.0, num_jobs=sum(not r.whole for r in [*p.running, *p.waiting])
+            )
+            for p in self.prefillers
+        ]
+        decode = Candidate(d.name, 0, d.streams, 0, 0.0)
+        target = choose_whole_target(req.spec.prompt_len, decode, len(self.queue), cands, self.dep.whole)
+        return next((p for p in self.prefillers if p.name == target.worker_id), None)
 
     def _admit(self, req: _Req, d: _Worker, queue_depth: int) -> None:
         """The decode worker's engine thread: prefill here, or reserve blocks and enqueue a job."""
@@ -283,6 +319,8 @@ class _Cluster:
         req.token_times.append(self.sim.now)  # the first token comes with the KV
         if req.num_output < req.spec.output_len:
             d.add(req, front=True)
+        else:
+            d.streams -= 1
 
 
 def simulate(perf: PerfModel, dep: Deployment, requests: list[SimRequest]) -> list[RequestResult]:
@@ -318,6 +356,6 @@ def _phases(r: _Req, times: list[float]) -> dict[str, float | str]:
     for name, t in (("enqueued", r.enqueued), ("pulled", r.pulled)):
         if t is not None:
             out[name] = t - r.spec.arrival_s
-    out["prefill_path"] = "remote" if r.remote else "local"
+    out["prefill_path"] = "remote" if r.remote else "whole" if r.whole else "local"
     out["kv_seconds"] = r.kv_seconds
     return out

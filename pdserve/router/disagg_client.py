@@ -1,20 +1,22 @@
 """The router's EngineClient: a pool of decode/colocated workers and a prefill pool behind them.
 
 Per request: pick a decode worker (KV-aware or round-robin), stream its frames back as
-RequestOutputs, and put any PrefillJob it emits on the shared prefill queue. Aborts reach both
-sides at once: the queue gives the job up (or names the prefill worker holding it), the decode
-worker frees its blocks, the prefill worker stops. A poller keeps every worker's load, health
-and KV events (for the prefix index) fresh.
+RequestOutputs, and put any PrefillJob it emits on the shared prefill queue. With a WholePolicy
+(`--prefill-serves-whole`), a short request may instead be served whole by an idle prefill worker
+(router/whole_policy.py); if that worker fails before its first token, the decode worker serves it.
+Aborts reach both sides at once: the queue gives the job up (or names the prefill worker holding
+it), the decode worker frees its blocks, the prefill worker stops. A poller keeps every worker's
+load, health and KV events (for the prefix index) fresh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -37,6 +39,9 @@ from pdserve.protocol import (
 from pdserve.router.policy import Candidate, RoundRobin, pick_kv_aware
 from pdserve.router.prefill_queue import PrefillQueue
 from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.request_events import RequestEvents
+from pdserve.router.whole_policy import PrefillCandidate, WholePolicy, choose_whole_target
+from pdserve.router.worker_handle import WorkerHandle
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -50,52 +55,25 @@ UNRESPONSIVE_AFTER_S = 15.0
 STREAM_READ_TIMEOUT_S = 600.0
 
 
-@dataclass
-class WorkerHandle:
-    info: WorkerInfo
-    load: WorkerLoad | None = None
-    healthy: bool = True
-    failures: int = 0
-    last_answer: float = field(default_factory=time.monotonic)
-    incompatible: str | None = None  # why this prefill worker may not serve the decode pool
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id
-
-
-@dataclass
-class RequestEvents:
-    """What the router saw of one request (for metrics and the per-request timeline)."""
-
-    decode_worker: str
-    prefill_path: str | None = None
-    kv_bytes: int = 0
-    kv_seconds: float = 0.0
-    enqueued: float | None = None
-    # Phase timestamps (time.monotonic()) for the per-request timeline a benchmark client draws.
-    arrival: float = 0.0
-    routed: float = 0.0
-    pulled: float | None = None
-    first_token: float | None = None
-
-    def phases(self, end: float) -> dict[str, float | str]:
-        out: dict[str, float | str] = {"arrival": self.arrival, "routed": self.routed, "end": end}
-        optional = {"enqueued": self.enqueued, "pulled": self.pulled, "first_token": self.first_token}
-        out.update({name: t for name, t in optional.items() if t is not None})
-        if self.prefill_path is not None:
-            out["prefill_path"] = self.prefill_path
-            out["kv_seconds"] = self.kv_seconds
-        return out
+class _FailedBeforeOutput(Exception):
+    """A worker failed before it sent anything: the request may still be served elsewhere."""
 
 
 class DisaggClient:
-    def __init__(self, worker_urls: list[str], token: str, tokenizer: Any, routing: str = "kv_aware") -> None:
+    def __init__(
+        self,
+        worker_urls: list[str],
+        token: str,
+        tokenizer: Any,
+        routing: str = "kv_aware",
+        whole: WholePolicy | None = None,
+    ) -> None:
         if routing not in ("kv_aware", "round_robin"):
             raise ValueError(f"routing must be kv_aware|round_robin, got {routing!r}")
         self.worker_urls = worker_urls
         self.tokenizer = tokenizer
         self.routing = routing
+        self.whole = whole  # None: prefill workers only prefill
         self._round_robin = RoundRobin()
         # One connection per open request stream, and no cap on them: httpx's default pool of 100
         # would queue request 101 until another request finished, while the workers (which bound
@@ -111,7 +89,7 @@ class DisaggClient:
         self.model_name = ""
         self.max_model_len = 0
         self._poller: asyncio.Task[None] | None = None
-        self._streams: dict[str, str] = {}  # request id -> decode worker id
+        self._streams: dict[str, str] = {}  # request id -> the worker streaming it
         # Called once per request when its first chunk arrives: (events) → metrics.
         self.on_first_chunk: Callable[[RequestEvents], None] | None = None
 
@@ -190,8 +168,11 @@ class DisaggClient:
     def stats(self) -> EngineStats:
         loads = [w.load for w in self.decode_workers() if w.load is not None]
         every = self.worker_loads()
+        # A prefill worker's own count mixes in its prefill jobs: count the whole requests it serves
+        # by the streams open on it.
+        whole = sum(self.workers[wid].info.role == "prefill" for wid in self._streams.values())
         return EngineStats(
-            num_running=sum(x.num_running for x in loads),
+            num_running=sum(x.num_running for x in loads) + whole,
             num_waiting=sum(x.num_waiting + x.num_reserved for x in loads) + self.queue.depth,
             num_free_blocks=sum(x.num_free_blocks for x in loads),
             num_total_blocks=sum(x.num_total_blocks for x in loads),
@@ -206,36 +187,78 @@ class DisaggClient:
     def worker_loads(self) -> dict[str, WorkerLoad]:
         return {w.worker_id: w.load for w in self.workers.values() if w.load is not None and w.healthy}
 
+    def _candidates(self, prompt: list[int], workers: list[WorkerHandle]) -> list[Candidate]:
+        assert self.prefix_index is not None
+        overlap = self.prefix_index.overlap(prompt, [w.worker_id for w in workers])
+        in_flight = Counter(self._streams.values())
+        return [w.candidate(overlap[w.worker_id], in_flight[w.worker_id]) for w in workers]
+
     def _pick(self, prompt: list[int]) -> WorkerHandle:
         decoders = self.decode_workers()
         if not decoders:
             raise RuntimeError("no healthy decode worker")
-        assert self.prefix_index is not None
-        overlap = self.prefix_index.overlap(prompt, [w.worker_id for w in decoders])
-        # Running = the streams this router has open on the worker, counted the moment it routes
-        # one: polled loads are up to a poll interval old, and at tens of requests per second
-        # every request of that interval would go to the same worker.
-        in_flight = Counter(self._streams.values())
-        cands = []
-        for w in decoders:
-            load = w.load
-            usage = 1 - load.num_free_blocks / max(load.num_total_blocks, 1) if load else 0.0
-            cands.append(
-                Candidate(
-                    w.worker_id, overlap[w.worker_id], in_flight[w.worker_id],
-                    (load.num_waiting + load.num_reserved) if load else 0, usage,
-                )
-            )  # fmt: skip
+        cands = self._candidates(prompt, decoders)
         wid = (
             pick_kv_aware(cands, len(prompt)) if self.routing == "kv_aware" else self._round_robin.pick(cands)
         )
         return self.workers[wid]
 
+    def _pick_whole(self, request_id: str, prompt: list[int], decoder: WorkerHandle) -> WorkerHandle | None:
+        """The prefill worker that serves this request whole, if the WholePolicy says one should."""
+        if self.whole is None:
+            return None
+        decode, *prefill = self._candidates(prompt, [decoder, *self.prefill_workers()])
+        jobs = self.queue.in_flight_by_worker()
+        cands = [
+            PrefillCandidate(
+                c.worker_id, c.cached_tokens, c.num_running, c.num_waiting, c.kv_usage, jobs[c.worker_id]
+            )
+            for c in prefill
+        ]
+        decision = choose_whole_target(len(prompt), decode, self.queue.depth, cands, self.whole)
+        if decision.worker_id is None:
+            return None
+        logger.info("[%s] served whole by %s: %s", request_id, decision.worker_id, decision.reason)
+        return self.workers[decision.worker_id]
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         arrival = time.monotonic()
-        worker = self._pick(prompt_token_ids)
+        decoder = self._pick(prompt_token_ids)
+        whole = self._pick_whole(request_id, prompt_token_ids, decoder)
+        if whole is not None:
+            try:
+                serving = self._serve(
+                    request_id, prompt_token_ids, params, whole, arrival, may_fail_over=True
+                )
+                async with contextlib.aclosing(serving) as outs:
+                    async for out in outs:
+                        yield out
+                return
+            except _FailedBeforeOutput as e:
+                # Like a failed remote prefill falling back to a local one: the client sees nothing.
+                logger.warning(
+                    "[%s] prefill worker %s failed before the first token (%s): serving it on %s",
+                    request_id, whole.worker_id, e, decoder.worker_id,
+                )  # fmt: skip
+        async with contextlib.aclosing(
+            self._serve(request_id, prompt_token_ids, params, decoder, arrival)
+        ) as outs:
+            async for out in outs:
+                yield out
+
+    async def _serve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        worker: WorkerHandle,
+        arrival: float,
+        may_fail_over: bool = False,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream the request from `worker`. may_fail_over: if the worker fails before any output,
+        raise _FailedBeforeOutput (after aborting it there) instead of yielding an error."""
         body = GenerateRequest(
             request_id, prompt_token_ids, params_to_dict(params),
             prefill_queue_depth=self.queue.depth, num_prefill_workers=len(self.prefill_workers()),
@@ -244,6 +267,7 @@ class DisaggClient:
         events = RequestEvents(worker.worker_id, arrival=arrival, routed=time.monotonic())
         self._streams[request_id] = worker.worker_id
         finished = False
+        sent = False
         try:
             async for msg in self._stream(worker, body):
                 if isinstance(msg, PrefillJob):
@@ -265,16 +289,20 @@ class DisaggClient:
                 finished = out.finished
                 if finished:
                     out.phases = events.phases(time.monotonic())
+                sent = True
                 yield out
             if not finished:
-                raise ConnectionError("the decode worker's stream ended early")
+                raise ConnectionError(f"the {worker.info.role} worker's stream ended early")
         except (httpx.HTTPError, ConnectionError, ProtocolError) as e:
-            logger.warning("[%s] decode worker %s failed: %s", request_id, worker.worker_id, e)
+            logger.warning("[%s] %s worker %s failed: %s", request_id, worker.info.role, worker.worker_id, e)
             finished = True
             await self._abort_everywhere(request_id, worker)
+            if may_fail_over and not sent:
+                raise _FailedBeforeOutput(str(e) or type(e).__name__) from e
             yield RequestOutput(
-                request_id, [], "", finished=True, finish_reason="error", error=f"worker failed: {e}"
-            )
+                request_id, [], "", finished=True, finish_reason="error",
+                error=f"{worker.info.role} worker {worker.worker_id} failed: {e}",
+            )  # fmt: skip
         finally:
             self._streams.pop(request_id, None)
             if not finished:
@@ -344,7 +372,8 @@ class DisaggClient:
         if not w.healthy:
             logger.info("worker %s is healthy again", w.worker_id)
         w.failures, w.healthy, w.load, w.last_answer = 0, True, load, time.monotonic()
-        if w.info.role != "prefill" and self.prefix_index is not None:
+        # A prefill worker's prefix cache matters only where it may serve a request whole.
+        if (w.info.role != "prefill" or self.whole is not None) and self.prefix_index is not None:
             self.prefix_index.apply(w.worker_id, load.kv_events)
 
     async def _mark_dead(self, w: WorkerHandle, reason: str) -> None:

@@ -8,8 +8,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pdserve.router.disagg_client import DisaggClient, RequestEvents
+from pdserve.router.disagg_client import DisaggClient
+from pdserve.router.request_events import RequestEvents
 
+DECISION_PATHS = ("local", "remote", "fallback", "whole")
 TRANSFER_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
@@ -42,8 +44,15 @@ class _PoolCollector(Collector):
 class DisaggMetrics:
     def __init__(self, registry: CollectorRegistry, client: DisaggClient) -> None:
         self.decisions = Counter(
-            "pdserve_disagg_decisions", "how prompts were prefilled", ["path"], registry=registry
+            "pdserve_disagg_decisions",
+            "where prompts were prefilled: on the decode worker (local), by a prefill worker (remote), "
+            "on the decode worker after a failed remote prefill (fallback), or by a prefill worker "
+            "that served the whole request (whole)",
+            ["path"],
+            registry=registry,
         )
+        for path in DECISION_PATHS:  # at zero from the start, so two scrapes always diff
+            self.decisions.labels(path=path)
         self.kv_bytes = Counter(
             "pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode", registry=registry
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from pdserve.protocol import PrefillJob
@@ -37,6 +37,10 @@ class PrefillQueue:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def in_flight_by_worker(self) -> Counter[str]:
+        """Jobs each prefill worker holds now: exact at once, where its polled load lags."""
+        return Counter(e.worker_id for e in self._in_flight.values() if e.worker_id is not None)
 
     async def put(self, job: PrefillJob) -> None:
         async with self._cond:

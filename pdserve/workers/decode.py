@@ -9,7 +9,6 @@ blocks already held, so a request is never lost to a broken prefill worker.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,11 +32,11 @@ from pdserve.protocol import (
     TokenChunk,
     WorkerInfo,
     WorkerLoad,
-    frame,
     params_to_dict,
 )
 from pdserve.workers.common import PrefillSpeed, kv_layout, worker_load
 from pdserve.workers.disagg_policy import DisaggPolicy, choose_prefill_path
+from pdserve.workers.generate_stream import stream_frames
 
 logger = logging.getLogger(__name__)
 
@@ -131,44 +130,20 @@ class DecodeWorker:
 
     # ---- the generate stream ----
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[bytes]:
-        params = req.sampling_params()
-        rid = req.request_id
-        try:
-            self.llm.engine.validate(req.prompt_token_ids, params)
-            self.llm.open_stream(rid)
-        except ValueError as e:
-            yield frame(TokenChunk(rid, [], "", finished=True, finish_reason="error", error=str(e)))
-            return
-        try:
-            job = await self.llm.call(lambda eng: self._admit(eng, req))
-        except ValueError as e:
-            yield frame(TokenChunk(rid, [], "", finished=True, finish_reason="error", error=str(e)))
-            return
-        if job is not None:
-            yield frame(job)
-        first = True
-        t0 = time.monotonic()
-        # One frame per wake-up: when the HTTP side falls behind the engine, the outputs that
-        # piled up go out together (each frame costs encoding and a socket write). Closed
-        # explicitly, so a client that leaves aborts the request now, not when collected.
-        async with contextlib.aclosing(self.llm.stream_batches(rid)) as batches:
-            async for outs in batches:
-                chunk = TokenChunk.from_outputs(outs)
-                out = outs[-1]
-                if first and chunk.new_token_ids:
-                    first = False
-                    remote = self._paths.pop(rid, None)
-                    chunk.prefill_path = remote.path if remote is not None else "local"
-                    if remote is not None and remote.stats is not None:
-                        chunk.kv_bytes, chunk.kv_seconds = remote.stats.nbytes, remote.stats.seconds
-                    if chunk.prefill_path != "remote":
-                        self.prefill_speed.observe(
-                            out.num_prompt_tokens - out.num_cached_tokens, time.monotonic() - t0
-                        )
-                if out.finished:
-                    self._paths.pop(rid, None)
-                yield frame(chunk)
+    def generate(self, req: GenerateRequest) -> AsyncIterator[bytes]:
+        return stream_frames(
+            self.llm, req, lambda eng: self._admit(eng, req), self._first_token,
+            lambda rid: self._paths.pop(rid, None),
+        )  # fmt: skip
+
+    def _first_token(self, chunk: TokenChunk, out: RequestOutput, seconds: float) -> None:
+        """The first chunk reports how the prompt was prefilled; a local prefill teaches its speed."""
+        remote = self._paths.pop(chunk.request_id, None)
+        chunk.prefill_path = remote.path if remote is not None else "local"
+        if remote is not None and remote.stats is not None:
+            chunk.kv_bytes, chunk.kv_seconds = remote.stats.nbytes, remote.stats.seconds
+        if chunk.prefill_path != "remote":
+            self.prefill_speed.observe(out.num_prompt_tokens - out.num_cached_tokens, seconds)
 
     def _admit(self, eng: LLMEngine, req: GenerateRequest) -> PrefillJob | None:
         """Engine thread: local prefill, or reserve blocks and return the job for a prefill worker."""

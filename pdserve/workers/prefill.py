@@ -1,13 +1,20 @@
 """Prefill worker: pulls remote-prefill jobs from the router's shared queue, runs each prompt,
 and pushes its KV into the decode worker's reserved blocks layer by layer as the forward pass
 produces it, then the first token. It only pulls while it has room, so the queue's depth is the
-pool's real backlog (the signal to scale the prefill pool on)."""
+pool's real backlog (the signal to scale the prefill pool on).
+
+It also serves whole requests (prefill and decode, streamed back as a co-located worker streams
+them) that a router with `--prefill-serves-whole` sends it while it has no prefill work
+(router/whole_policy.py). Those run in the same engine as the jobs; the scheduler serves running
+requests first, so a job pulled later shares each step with at most the router's cap of decodes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -16,8 +23,20 @@ from pdserve.engine.async_llm import AsyncLLM
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_output import KVStreamer
 from pdserve.kv_transfer import make_sender
-from pdserve.protocol import AbortRequest, PrefillJob, PrefillJobPull, WorkerInfo, WorkerLoad, decode, encode
+from pdserve.outputs import RequestOutput
+from pdserve.protocol import (
+    AbortRequest,
+    GenerateRequest,
+    PrefillJob,
+    PrefillJobPull,
+    TokenChunk,
+    WorkerInfo,
+    WorkerLoad,
+    decode,
+    encode,
+)
 from pdserve.workers.common import kv_layout, worker_load
+from pdserve.workers.generate_stream import stream_frames
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +97,21 @@ class PrefillWorker:
     def load(self) -> WorkerLoad:
         events = self.llm.engine.block_manager.drain_events()
         return worker_load(self.worker_id, self.llm, 0, events)
+
+    # ---- whole requests (from a router with --prefill-serves-whole) ----
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[bytes]:
+        return stream_frames(self.llm, req, lambda eng: self._admit_whole(eng, req), self._first_token)
+
+    def _admit_whole(self, eng: LLMEngine, req: GenerateRequest) -> None:
+        eng.add_request(req.request_id, req.prompt_token_ids, req.sampling_params())
+        logger.info("[%s] serving whole (%d prompt tokens)", req.request_id, len(req.prompt_token_ids))
+
+    @staticmethod
+    def _first_token(chunk: TokenChunk, out: RequestOutput, seconds: float) -> None:
+        chunk.prefill_path = "whole"
+
+    # ---- remote-prefill jobs ----
 
     def _has_room(self) -> bool:
         stats = self.llm.stats()
@@ -151,7 +185,9 @@ class PrefillWorker:
         self.llm.submit(lambda eng: self._abort_on_engine(eng, request_id, error))
 
     def _abort_on_engine(self, eng: LLMEngine, request_id: str, reason: str) -> None:
-        eng.abort_request(request_id)
+        out = eng.abort_request(request_id)
+        if out is not None:
+            self.llm.deliver(out)  # ends a whole request's stream; a job has none, so a no-op
         job = self._jobs.pop(request_id, None)
         if job is not None:
             # The terminal message tells the decode side no more writes are coming.

@@ -4,7 +4,9 @@ Routes (msgpack bodies, loopback by default, token-checked except /health):
   GET  /health            200 once the engine is up
   GET  /worker/info       WorkerInfo (role, KV layout and endpoint, model)
   GET  /worker/load       WorkerLoad (queue lengths, free blocks, KV events since the last poll)
-  POST /worker/generate   GenerateRequest → stream of frames: [PrefillJob], TokenChunk... (decode roles)
+  POST /worker/generate   GenerateRequest → stream of frames: [PrefillJob], TokenChunk... (decode
+                          and colocated roles; a prefill worker serves the whole requests a router
+                          with --prefill-serves-whole sends it)
   POST /worker/abort      AbortRequest
 """
 
@@ -42,6 +44,7 @@ class WorkerRole(Protocol):
     async def shutdown(self) -> None: ...
     def info(self) -> WorkerInfo: ...
     def load(self) -> WorkerLoad: ...
+    def generate(self, req: GenerateRequest) -> AsyncIterator[bytes]: ...
     async def abort(self, msg: AbortRequest) -> None: ...
 
 
@@ -94,14 +97,11 @@ def build_worker_app(make_role: object, token: str) -> FastAPI:
     async def generate(request: Request) -> Response:
         if not authorized(request):
             return Response(status_code=401)
-        role = holder["role"]
-        if not hasattr(role, "generate"):
-            return Response("this worker does not decode", status_code=404)
         try:
             msg = decode(await request.body(), GenerateRequest)
         except ProtocolError as e:
             return Response(str(e), status_code=400)
-        return StreamingResponse(role.generate(msg), media_type=MSGPACK)
+        return StreamingResponse(holder["role"].generate(msg), media_type=MSGPACK)
 
     return app
 

@@ -83,6 +83,13 @@ class Deployment:
                 return args[args.index(b"--shm-tag") + 1].decode()
         raise AssertionError("no worker process found")
 
+    def worker_pid(self, worker_id: str) -> int:
+        for pid in children_of(self.proc.pid):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--worker-id" in args and args[args.index(b"--worker-id") + 1] == worker_id.encode():
+                return pid
+        raise AssertionError(f"no process for {worker_id}")
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
 

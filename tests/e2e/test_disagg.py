@@ -16,7 +16,7 @@ import pytest
 from transformers import PreTrainedModel
 
 from pdserve.engine.loader import LoadedModel
-from tests.e2e.deploy import Deployment, children_of, deployment, metric, shm_segments
+from tests.e2e.deploy import Deployment, deployment, metric, shm_segments
 from tests.oracle import hf_greedy
 
 NEW_TOKENS = 24
@@ -227,7 +227,7 @@ def test_prefill_worker_death_falls_back_to_local(
     tcp_dep: Deployment, smollm2: LoadedModel, smollm2_hf: PreTrainedModel, tmp_path: Path
 ) -> None:
     prompt = long_prompt(smollm2.tokenizer, "observatories")
-    pid = _worker_pid(tcp_dep, "prefill-0")
+    pid = tcp_dep.worker_pid("prefill-0")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(complete, tcp_dep, prompt)
         time.sleep(0.6)  # the job is with the prefill worker, its KV half sent
@@ -241,14 +241,6 @@ def test_prefill_worker_death_falls_back_to_local(
     assert complete(tcp_dep, long_prompt(smollm2.tokenizer, "rivers", 30)) == expected(
         smollm2_hf, smollm2, long_prompt(smollm2.tokenizer, "rivers", 30)
     )
-
-
-def _worker_pid(dep: Deployment, worker_id: str) -> int:
-    for pid in children_of(dep.proc.pid):
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"--worker-id" in args and args[args.index(b"--worker-id") + 1] == worker_id.encode():
-            return pid
-    raise AssertionError(f"no process for {worker_id}")
 
 
 def test_2p2d_mixed_concurrent_traffic(

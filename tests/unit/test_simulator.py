@@ -7,6 +7,7 @@ import pytest
 from pdserve.bench.report import summarize
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.simulator import Deployment, SimRequest, simulate, simulate_with_stats
+from pdserve.router.whole_policy import WholePolicy
 from pdserve.workers.disagg_policy import DisaggPolicy
 
 # Round numbers: 10 ms per step, 1 ms per prompt token, 2 ms per decode sequence, no attention term.
@@ -132,3 +133,26 @@ def test_streamed_tokens_pay_the_serving_cost_and_the_prefill_worker_none() -> N
     [plain] = simulate(PERF, dep, [SimRequest(0, 0.0, 100, 2)])
     [with_serving] = simulate(served, dep, [SimRequest(0, 0.0, 100, 2)])
     assert with_serving.ttft_s == pytest.approx(plain.ttft_s)  # the first token goes with the KV
+
+
+def test_an_idle_prefill_worker_serving_short_requests_whole_adds_decode_capacity() -> None:
+    policy = DisaggPolicy(threshold_tokens=256, max_queue_per_prefill_worker=4,
+                          link_bytes_per_s=1e9, kv_bytes_per_token=1000)  # fmt: skip
+    # A burst of short prompts, then one long prompt while the short ones still decode.
+    reqs = [SimRequest(i, 0.0, 50, 40) for i in range(32)] + [SimRequest(32, 0.5, 1000, 2)]
+    plain = Deployment(prefill=1, decode=1, policy=policy, fabric="slow")
+    whole = replace(plain, whole=WholePolicy(256, max_whole_per_worker=12))
+    (plain_res, plain_dec), (whole_res, whole_dec) = (
+        simulate_with_stats(PERF, dep, reqs) for dep in (plain, whole)
+    )
+    assert plain_dec == {"local": 32, "remote": 1}
+    # The burst alternates until the prefill worker holds its cap; the long prompt still goes remote.
+    assert whole_dec == {"local": 20, "remote": 1, "whole": 12}
+    assert sum(r.phases is not None and r.phases["prefill_path"] == "whole" for r in whole_res) == 12
+    assert all(r.ok and r.output_tokens == r.output_len for r in whole_res)
+    # The decode worker's batch shrinks from 32 to 20: every short request finishes sooner.
+    last = max(r.e2e_s or 0.0 for r in whole_res[:32])
+    assert last < 0.8 * max(r.e2e_s or 0.0 for r in plain_res[:32])
+    # The long prompt shares its prefill steps with at most the cap of decodes: a little later only.
+    assert whole_res[32].ttft_s is not None and plain_res[32].ttft_s is not None
+    assert whole_res[32].ttft_s < 1.1 * plain_res[32].ttft_s

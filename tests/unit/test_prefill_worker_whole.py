@@ -1,0 +1,87 @@
+"""A prefill worker serving a whole request: the same frames a co-located worker sends for it, and an
+abort from the router ends the stream and frees every block (tiny random-weight model, CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
+from pdserve.protocol import AbortRequest, FrameReader, GenerateRequest, TokenChunk, params_to_dict
+from pdserve.sampling_params import SamplingParams
+from pdserve.workers.decode import DecodeWorker
+from pdserve.workers.prefill import PrefillWorker
+
+PROMPT = [5, 17, 33, 9, 100, 41, 7]
+
+
+def _engine_config() -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model="dummy:tiny-llama", device="cpu"),
+        cache=CacheConfig(num_blocks=64),
+        scheduler=SchedulerConfig(max_num_seqs=8),
+    )
+
+
+def _prefill_worker() -> PrefillWorker:
+    # Nothing listens at the router URL: the job puller retries in the background, which is fine here.
+    cfg = WorkerConfig(role="prefill", router_url="http://127.0.0.1:9", kv_transport="local")
+    return PrefillWorker(cfg, _engine_config(), b"secret", "http://p", "token")
+
+
+async def _frames(stream: object, limit: int | None = None) -> list[TokenChunk]:
+    reader = FrameReader()
+    chunks: list[TokenChunk] = []
+    async for data in stream:  # type: ignore[attr-defined]
+        chunks += reader.feed(data)
+        if limit is not None and len(chunks) >= limit:
+            break
+    return chunks
+
+
+async def test_prefill_worker_streams_what_a_colocated_worker_streams() -> None:
+    params = params_to_dict(SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    colocated = DecodeWorker(WorkerConfig(role="colocated"), _engine_config(), b"secret", "http://c")
+    colocated.start()
+    try:
+        want = await _frames(colocated.generate(GenerateRequest("r0", PROMPT, params)))
+    finally:
+        await colocated.shutdown()
+    worker = _prefill_worker()
+    worker.start()
+    try:
+        got = await _frames(worker.generate(GenerateRequest("r0", PROMPT, params, allow_remote=False)))
+        await asyncio.sleep(0.05)
+        stats = worker.llm.stats()
+    finally:
+        await worker.shutdown()
+    assert [t for c in got for t in c.new_token_ids] == [t for c in want for t in c.new_token_ids]
+    assert "".join(c.new_text for c in got) == "".join(c.new_text for c in want)
+    assert len([t for c in got for t in c.new_token_ids]) == 12
+    assert got[0].prefill_path == "whole" and want[0].prefill_path == "local"
+    assert got[-1].finished and got[-1].finish_reason == "length"
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
+
+
+async def test_router_abort_ends_a_whole_request_and_frees_its_blocks() -> None:
+    params = params_to_dict(SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+    worker = _prefill_worker()
+    worker.start()
+    try:
+        total = worker.llm.stats().num_total_blocks
+        stream = worker.generate(GenerateRequest("r1", PROMPT, params, allow_remote=False))
+        reader = FrameReader()
+        chunks: list[TokenChunk] = []
+        async with asyncio.timeout(10):  # the stream must end by itself: no hang
+            async for data in stream:
+                chunks += reader.feed(data)
+                if len(chunks) == 2:
+                    assert worker.llm.stats().num_free_blocks < total  # the request holds blocks
+                    await worker.abort(AbortRequest("r1", "client"))
+        await asyncio.sleep(0.05)
+        stats = worker.llm.stats()
+    finally:
+        await worker.shutdown()
+    # The stream ended by itself, with the abort as its last chunk.
+    assert chunks[-1].finished and chunks[-1].finish_reason == "abort"
+    assert sum(len(c.new_token_ids) for c in chunks) < 500
+    assert stats.num_free_blocks == total and stats.num_running == 0 and stats.num_waiting == 0
