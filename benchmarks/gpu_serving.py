@@ -69,8 +69,12 @@ def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
     # The decision compares transfer time with local prefill time: cuda_ipc moves 100+ GB/s (see
     # gpu_suite.py), not the 4 GB/s default that suits a network link.
     disagg += ["--link-gbps", "100"]
+    # Idle prefill workers also serve short requests whole, up to half of a worker's 256 sequence
+    # slots: a short-only load then uses both pools' GPUs (router/whole_policy.py).
+    whole = [*disagg, "--prefill-serves-whole", "--max-whole-per-prefill-worker", "128"]
     return {
         f"{n // 2}P{n - n // 2}D": disagg,
+        f"{n // 2}P{n - n // 2}D-whole": whole,
         f"{n}xcolocated": ["--prefill", "0", "--decode", "0", "--colocated", str(n)],
         # One engine inside the API server, no router and no worker hop: what the HTTP-side
         # architecture costs, next to 1xcolocated (only with --configs, only for one GPU).

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine.step_stats import per_step_report
+from pdserve.router.metrics import parse_engine_counters
 
 
 def free_port() -> int:
@@ -101,23 +101,7 @@ def decisions(metrics_text: str) -> dict[str, float]:
 def engine_counters(metrics_text: str) -> dict[str, dict[str, float]]:
     """Each worker's engine-thread counters (the keys of engine.step_stats.StepStats) back from
     the router's Prometheus text."""
-    out: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            worker = sample.labels.get("worker")
-            if worker is None:
-                continue
-            c = out.setdefault(worker, {})
-            kind = sample.labels.get("kind")
-            if sample.name == "pdserve_engine_thread_seconds_total":
-                c[f"{sample.labels['phase']}_s"] = sample.value
-            elif sample.name == "pdserve_engine_steps_total":
-                c["graph_steps" if kind == "graph" else "steps"] = sample.value
-            elif sample.name == "pdserve_engine_step_tokens_total":
-                c[f"{kind}_tokens"] = sample.value
-            elif sample.name == "pdserve_engine_step_seqs_total":
-                c["seqs"] = sample.value
-    return {w: c for w, c in out.items() if "steps" in c}
+    return parse_engine_counters(metrics_text)
 
 
 def engine_reports(before: str, after: str, wall_s: float) -> dict[str, dict[str, float]]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pdserve.engine.client import EngineStats
@@ -99,6 +100,28 @@ def _engine_counter_metrics(per_engine: dict[str, dict[str, float]]) -> Iterable
         tokens.add_metric([worker, "decode"], c.get("decode_tokens", 0))
         seqs.add_metric([worker], c.get("seqs", 0))
     yield from (seconds, steps, tokens, seqs)
+
+
+def parse_engine_counters(metrics_text: str) -> dict[str, dict[str, float]]:
+    """The inverse of the engine-counter families above: each worker's StepStats counters back
+    from a scrape of `/metrics` (for clients that time a deployment from outside)."""
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            worker = sample.labels.get("worker")
+            if worker is None:
+                continue
+            c = out.setdefault(worker, {})
+            kind = sample.labels.get("kind")
+            if sample.name == "pdserve_engine_thread_seconds_total":
+                c[f"{sample.labels['phase']}_s"] = sample.value
+            elif sample.name == "pdserve_engine_steps_total":
+                c["steps" if kind == "all" else f"{kind}_steps"] = sample.value
+            elif sample.name == "pdserve_engine_step_tokens_total":
+                c[f"{kind}_tokens"] = sample.value
+            elif sample.name == "pdserve_engine_step_seqs_total":
+                c["seqs"] = sample.value
+    return {w: c for w, c in out.items() if "steps" in c}
 
 
 class ServerMetrics:

@@ -55,3 +55,25 @@ def test_prometheus_families_carry_every_phase_per_worker() -> None:
         (s.labels["worker"], s.labels["kind"]): s.value for s in families["pdserve_engine_steps"].samples
     }
     assert steps[("decode-1", "all")] == 3 and steps[("decode-1", "graph")] == 2
+
+
+def test_a_scrape_gives_every_counter_back() -> None:
+    """What a benchmark reads from the router's /metrics is what each engine counted."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from pdserve.router.metrics import parse_engine_counters
+
+    counters = {
+        "decode-1": StepStats(steps=30, graph_steps=25, ahead_steps=21, seqs=90, prefill_tokens=700,
+                              decode_tokens=60, forward_s=0.5, deliver_s=0.25).as_dict(),
+        "prefill-2": StepStats(steps=4, seqs=4, prefill_tokens=4000, schedule_s=0.125).as_dict(),
+    }  # fmt: skip
+
+    class Families(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield from _engine_counter_metrics(counters)
+
+    registry = CollectorRegistry()
+    registry.register(Families())
+    assert parse_engine_counters(generate_latest(registry).decode()) == counters
