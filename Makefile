@@ -23,6 +23,9 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev]"
+	# Optional: NIXL for the nixl KV transport's tests (skipped without it). The meta package
+	# would pull both CUDA 12 and 13 builds; one is enough, and it also runs on CPU caches.
+	-$(PIP) install -q --no-deps nixl nixl-cu13
 	touch $@
 
 install: $(VENV)/.installed

@@ -71,9 +71,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--colocated", type=int, default=0, metavar="N", help="colocated workers (default: %(default)s)"
     )
     dep.add_argument(
-        "--transport", choices=("auto", "shm", "cuda_ipc", "nccl", "tcp"), default="auto",
+        "--transport", choices=("auto", "shm", "cuda_ipc", "nccl", "nixl", "tcp"), default="auto",
         help="KV transport between workers (default: %(default)s: cuda_ipc on GPUs, shm on CPUs; "
-        "nccl is for GPUs on different hosts)",
+        "nccl is for GPUs on different hosts; nixl needs the nixl package)",
     )  # fmt: skip
     dep.add_argument(
         "--gpus", default=None, metavar="LIST",

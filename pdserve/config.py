@@ -94,7 +94,7 @@ class SchedulerConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "torch_ref", "triton")
-KV_TRANSPORTS = ("shm", "tcp", "local", "cuda_ipc", "nccl")
+KV_TRANSPORTS = ("shm", "tcp", "local", "cuda_ipc", "nccl", "nixl")
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class WorkerConfig:
             raise ValueError(f"kv_transport must be {'|'.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         if self.kv_wire_dtype not in ("native", "bfloat16", "fp8"):
             raise ValueError(f"kv_wire_dtype must be native|bfloat16|fp8, got {self.kv_wire_dtype!r}")
-        if self.kv_transport in ("shm", "cuda_ipc", "nccl") and self.kv_wire_dtype != "native":
+        if self.kv_transport in ("shm", "cuda_ipc", "nccl", "nixl") and self.kv_wire_dtype != "native":
             raise ValueError(
                 f"kv_wire_dtype applies to tcp only: {self.kv_transport} moves the cache dtype as it is"
             )

@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class ProtocolError(ValueError):
@@ -212,7 +212,7 @@ class KVHello:
     protocol_version: int
     worker_id: str
     layout: KVLayout
-    transport: str  # "tcp" | "shm" | "cuda_ipc" | "nccl"
+    transport: str  # "tcp" | "shm" | "cuda_ipc" | "nccl" | "nixl"
     mac: bytes  # HMAC-SHA256(secret, challenge || worker_id)
 
 
@@ -233,6 +233,17 @@ class NcclRendezvous:
 
 
 @dataclass
+class NixlEndpoint:
+    """Transport nixl: what a prefill worker needs to write into the decode worker's cache with NIXL
+    (see kv_transfer/nixl.py)."""
+
+    agent_metadata: bytes  # the decode side's NIXL agent (backends, registered memory)
+    mem_type: str  # "DRAM" (CPU caches) | "VRAM" (GPU caches)
+    # Per layer: [base address, bytes from the K half to the V half, device id] of its cache tensor.
+    regions: list[list[int]]
+
+
+@dataclass
 class KVHelloAck:
     ok: bool
     error: str | None = None
@@ -242,6 +253,7 @@ class KVHelloAck:
     # (raw bytes and ints; see kv_transfer/cuda_ipc.py).
     cuda_ipc: list[list[Any]] | None = None
     nccl: NcclRendezvous | None = None  # transport nccl
+    nixl: NixlEndpoint | None = None  # transport nixl
 
 
 @dataclass
@@ -290,7 +302,8 @@ _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
         KVLayout, WorkerInfo, WorkerLoad, GenerateRequest, PrefillJob, TokenChunk, AbortRequest,
-        KVHello, KVChallenge, KVHelloAck, NcclRendezvous, KVLayerChunk, PrefillDone, PrefillFailed,
+        KVHello, KVChallenge, KVHelloAck, NcclRendezvous, NixlEndpoint, KVLayerChunk, PrefillDone,
+        PrefillFailed,
         PrefillJobPull,
     )
 }  # fmt: skip

@@ -1,5 +1,6 @@
 """KV transfer between prefill and decode workers: a connector interface split by side and
-one module per transport (local, shm, tcp; cuda_ipc and nccl on GPUs), imported lazily."""
+one module per transport (local, shm, tcp; cuda_ipc and nccl on GPUs; nixl where the nixl package
+is installed), imported lazily."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def make_receiver(
         from pdserve.kv_transfer.nccl import NcclKVReceiver
 
         return NcclKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port)
+    if transport == "nixl":
+        from pdserve.kv_transfer.nixl import NixlKVReceiver
+
+        return NixlKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port)
     raise ValueError(f"unknown KV transport {transport!r} (choose: {', '.join(TRANSPORTS)})")
 
 
@@ -77,4 +82,8 @@ def make_sender(
         from pdserve.kv_transfer.nccl import NcclKVSender
 
         return NcclKVSender(layout, worker_id, secret, "native", on_error)
+    if transport == "nixl":
+        from pdserve.kv_transfer.nixl import NixlKVSender
+
+        return NixlKVSender(layout, worker_id, secret, "native", on_error)
     raise ValueError(f"unknown KV transport {transport!r} (choose: {', '.join(TRANSPORTS)})")

@@ -19,7 +19,7 @@ import torch
 
 from pdserve.protocol import KVLayout, PrefillDone, PrefillJob
 
-TRANSPORTS = ("local", "shm", "tcp", "cuda_ipc", "nccl")
+TRANSPORTS = ("local", "shm", "tcp", "cuda_ipc", "nccl", "nixl")
 
 
 class KVTransferError(RuntimeError):

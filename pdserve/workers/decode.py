@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # is mid-copy (it checks the same deadline before every write).
 _SHM_GRACE_S = 1.0
 # Transports whose writer puts KV straight into our blocks (so aborted blocks drain before reuse).
-_IN_PLACE = ("shm", "cuda_ipc")
+_IN_PLACE = ("shm", "cuda_ipc", "nixl")
 
 
 @dataclass

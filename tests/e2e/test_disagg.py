@@ -216,6 +216,23 @@ def test_tcp_remote_prefill(tcp_dep: Deployment, smollm2: LoadedModel, smollm2_h
     assert text == expected(smollm2_hf, smollm2, prompt)
 
 
+def test_nixl_remote_prefill(tmp_path: Path, smollm2: LoadedModel, smollm2_hf: PreTrainedModel) -> None:
+    """KV written by NIXL (UCX between two processes) straight into the decode worker's blocks."""
+    pytest.importorskip("nixl._api", reason="transport nixl needs the nixl package")
+    with deployment(tmp_path, "--prefill", "1", "--decode", "1", "--transport", "nixl", *FLAGS) as dep:
+        prompts = [long_prompt(smollm2.tokenizer, topic) for topic in ("orchards", "harbours")]
+        m0 = dep.metrics()
+        texts = [complete(dep, p) for p in prompts]
+        m1 = dep.metrics()
+        assert metric(m1, "pdserve_disagg_decisions_total", 'path="remote"') == metric(
+            m0, "pdserve_disagg_decisions_total", 'path="remote"'
+        ) + len(prompts)
+        moved = metric(m1, "pdserve_kv_transfer_bytes_total") - metric(m0, "pdserve_kv_transfer_bytes_total")
+        assert moved == sum(len(p) for p in prompts) * KV_BYTES_PER_TOKEN
+        assert texts == [expected(smollm2_hf, smollm2, p) for p in prompts]
+        dep.wait_idle()
+
+
 def test_abort_mid_transfer_frees_both_sides(tcp_dep: Deployment, smollm2: LoadedModel) -> None:
     tcp_dep.wait_idle()
     # 30 layers x 30 ms: the transfer outlasts the prefill by most of a second.

@@ -49,9 +49,11 @@ def job_for(rx: object, rid: str, blocks: list[int], skip: int) -> PrefillJob:
     return PrefillJob(rid, [], {}, "d0", host, port, blocks, skip, time.time() + 30, LAYOUT)
 
 
-@pytest.fixture(params=["local", "tcp", "shm"])
+@pytest.fixture(params=["local", "tcp", "shm", "nixl"])
 def pair(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     transport = request.param
+    if transport == "nixl":
+        pytest.importorskip("nixl._api", reason="transport nixl needs the nixl package")
     sink = Sink()
     shm = ShmKVCache(LAYOUT, NUM_BLOCKS, tag="test") if transport == "shm" else None
     caches = shm.tensors if shm is not None else make_caches()
@@ -108,7 +110,8 @@ def test_unexpected_request_is_refused_and_sender_told(pair) -> None:  # type: i
     job = job_for(rx, "gone", [0, 1], 0)
     tx.send_kv(job, 0, torch.ones(1, 2, 4, 2, 8), 0)
     wait_for(lambda: aborted == ["gone"])
-    assert all(c.abs().sum() == 0 for c in caches)
+    if transport != "nixl":  # nixl writes in place before its header (the decode worker drains such blocks)
+        assert all(c.abs().sum() == 0 for c in caches)
 
 
 @pytest.mark.parametrize("wire", ["bfloat16", "fp8"])
