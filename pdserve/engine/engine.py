@@ -24,6 +24,7 @@ from pdserve.engine.runner import DeviceFeed, ModelRunner, allocate_kv_caches, n
 from pdserve.engine.sampler import make_generator
 from pdserve.engine.scheduler import ScheduledRequest, Scheduler
 from pdserve.engine.step_stats import StepStats, Stopwatch
+from pdserve.engine.stop_conditions import resolve_max_tokens, stop_status
 from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.protocol import PrefillJob
 from pdserve.sampling_params import SamplingParams
@@ -44,23 +45,6 @@ def use_device(device: torch.device) -> None:
     the current device, which is per thread and cuda:0 by default."""
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-
-
-class ContextLengthError(ValueError):
-    """The prompt plus the requested completion do not fit the model's context."""
-
-
-def resolve_max_tokens(num_prompt_tokens: int, params: SamplingParams, max_model_len: int) -> int:
-    """The completion budget a request gets; raises ContextLengthError if it cannot fit."""
-    room = max_model_len - num_prompt_tokens
-    requested = params.max_tokens if params.max_tokens is not None else max(room, 1)
-    if num_prompt_tokens + requested > max_model_len:
-        raise ContextLengthError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, "
-            f"{requested} for the completion). Please reduce the prompt or the completion length."
-        )
-    return requested
 
 
 class LLMEngine:
@@ -368,7 +352,7 @@ class LLMEngine:
         if req.kv_job is not None and self.kv_streamer is not None:
             self.kv_streamer.send_first_token(req, token_id, logprob)
         req.append_token(token_id, logprob)
-        status = self._check_stop_token(req, token_id)
+        status = stop_status(req, token_id, self.eos_token_ids, self.max_model_len)
         detok = self._detokenizers.get(req.request_id)
         if detok is not None:
             stop_str = detok.update([token_id])  # honours min_tokens itself
@@ -380,18 +364,6 @@ class LLMEngine:
         if status is not None:
             self._detokenizers.pop(req.request_id, None)
         return self._output(req, [token_id], text, logprob)
-
-    def _check_stop_token(self, req: Request, token_id: int) -> RequestStatus | None:
-        params = req.params
-        if req.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                req.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _output(
         self, req: Request, token_ids: list[int], text: str, logprob: TokenLogprob | None
