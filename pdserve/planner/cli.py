@@ -124,6 +124,10 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument(
+        "--refit", type=Path, default=None, metavar="PERF",
+        help="time nothing: fit PERF's engine terms again from its PERF.raw.json timings",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cpus", default=None, help="pin to these CPUs first, e.g. '0' or '0-1'")
     p.add_argument("--prefill-tokens", default="64,256,512,2048", help="prompt lengths to time")
@@ -139,9 +143,14 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         "default: 8192 on a CPU, 262144 on a GPU)",
     )  # fmt: skip
     p.add_argument(
-        "--mixed-context", type=int, default=1024,
+        "--mixed-context", type=int, default=1920,
         help="one sequence this long among short ones, to time attention's padding (0: skip)",
     )  # fmt: skip
+    p.add_argument(
+        "--chunk-batches", default="1,2,4,8",
+        help="running decodes timed next to a new prompt chunk (mixed steps; empty: skip)",
+    )  # fmt: skip
+    p.add_argument("--chunk-tokens", type=int, default=128, help="the new prompt of a timed mixed step")
     p.add_argument("--transports", default="local,shm,tcp", help="KV transports to time")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
@@ -155,12 +164,15 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 def run_profile(args: argparse.Namespace) -> int:
     from pdserve.planner.profile import ProfileSpec, profile
 
+    if args.refit is not None:
+        return _refit(args.refit, args.json)
     spec = ProfileSpec(
         model=args.model, dtype=args.dtype, device=args.device, threads=args.threads, cpus=args.cpus,
         prefill_tokens=[int(x) for x in args.prefill_tokens.split(",")],
         decode_batches=[int(x) for x in args.decode_batches.split(",")],
         decode_contexts=[int(x) for x in args.decode_contexts.split(",")],
         max_decode_tokens=args.max_decode_tokens, mixed_long_context=args.mixed_context,
+        chunk_batches=[int(x) for x in args.chunk_batches.split(",") if x], chunk_tokens=args.chunk_tokens,
         transports=[x for x in args.transports.split(",") if x], repeats=args.repeats,
         max_num_batched_tokens=args.max_num_batched_tokens, clock=args.clock,
     )  # fmt: skip
@@ -168,4 +180,22 @@ def run_profile(args: argparse.Namespace) -> int:
     perf.save(args.json)
     args.json.with_suffix(".raw.json").write_text(json.dumps(raw, indent=1))
     print(json.dumps(perf.to_dict() | {"notes": "..."}, indent=2))
+    return 0
+
+
+def _refit(source: Path, out: Path) -> int:
+    """A perf file whose engine terms are fitted again (with this version's fit) from the timings
+    its profile saved; what the fit does not touch (links, serving costs) is kept."""
+    import dataclasses
+
+    from pdserve.planner.perf_fit import fit_steps, steps_from_raw
+    from pdserve.planner.perf_model import PerfModel
+
+    perf = PerfModel.load(source)
+    raw = json.loads(source.with_suffix(".raw.json").read_text())
+    refitted = dataclasses.replace(
+        perf, **fit_steps(*steps_from_raw(raw)), notes=f"{perf.notes}; refitted from {source.name}'s timings"
+    )
+    refitted.save(out)
+    print(json.dumps(refitted.to_dict(), indent=2))
     return 0

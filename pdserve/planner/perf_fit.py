@@ -1,16 +1,24 @@
 """Fitting a PerfModel's engine terms to timed engine steps (what `pdserve profile` measures).
 
-One least-squares fit over every step: the fixed overhead, per prompt token and per attention pair
-(prefill steps), per context token and per padded context position (decode steps), and one free
-term per decode batch size measured, because a decode step's cost is not linear in the batch (see
+One least-squares fit over every step: the fixed overhead of every step and the extra fixed cost of
+a step that computes a prompt chunk, per prompt token and per attention pair (prefill steps), the
+attention of decode-only steps as a piecewise-linear function of the KV positions gathered per
+layer (batch * longest context; its values at knots 1k, 2k, 4k, ... positions up to the largest
+timed are the coefficients), and one free term per decode batch size measured beyond the
+smallest (whose decode steps pin the common overhead), because a decode step's cost is not linear in the batch (see
 perf_model.py). Giving each batch size its own term keeps that shape out of the context terms,
-which are then fitted from contexts that differ at the same batch size. `decode_seq_s`, used for
-the decodes of mixed steps and past the largest batch measured, is the per-sequence slope of
-those batch terms.
+which are then fitted from contexts that differ at the same batch size. `decode_seq_s`, used
+past the largest batch measured, is the per-sequence slope of those batch terms. Mixed steps (a
+prompt chunk next to running decodes), when timed, fit `mixed_decode_s`, what each decode adds to
+such a step, and `decode_ctx_s`, per context token of those decodes (attention per sequence there,
+no padding); without them, `decode_ctx_s` is the gather curve's slope up to its first knot. A
+profile without padded decode steps (a third of the positions gathered or more) cannot separate
+gathered positions from the batch: its decode-only steps get a linear context term instead.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,10 +49,23 @@ class DecodeStep:
         return self.batch * self.max_ctx - self.ctx_tokens
 
 
+@dataclass(frozen=True)
+class MixedStep:
+    """A prompt chunk computed in the same step as `batch` running decodes."""
+
+    batch: int
+    ctx_tokens: int  # context tokens of the decodes
+    tokens: int  # the chunk
+    cached: int
+    seconds: float
+
+
 def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
     """Least squares on relative error (each row divided by its time, so short steps count as much
     as long ones), with coefficients that come out negative pinned to 0 and the rest refitted."""
-    active = list(range(len(rows[0])))
+    # A column no step exercises (e.g. padding when no mixed-context step was timed) would make the
+    # problem rank-deficient: its coefficient is 0.
+    active = [j for j in range(len(rows[0])) if any(r[j] for r in rows)]
     while True:
         a = torch.tensor(
             [[r[j] / t for j in active] for r, t in zip(rows, times, strict=True)], dtype=torch.float64
@@ -73,29 +94,96 @@ def _medians(steps: list[Any], key: Any) -> list[Any]:
     return out
 
 
-def fit_steps(prefill: list[PrefillStep], decode: list[DecodeStep]) -> dict[str, Any]:
-    """PerfModel keyword arguments: the engine terms and the `decode_batch_s` table."""
+def fit_steps(
+    prefill: list[PrefillStep], decode: list[DecodeStep], mixed: list[MixedStep] | None = None
+) -> dict[str, Any]:
+    """PerfModel keyword arguments: the engine terms and the `decode_batch_s` table, and
+    `mixed_decode_s` when mixed steps were timed."""
     pre = _medians(prefill, lambda s: (s.tokens, s.cached))
     dec = _medians(decode, lambda s: (s.batch, s.ctx_tokens // 64, s.max_ctx // 64))
+    mix = _medians(mixed or [], lambda s: (s.batch, s.tokens, s.cached, s.ctx_tokens // 64))
     batches = sorted({s.batch for s in dec})
-    column = {b: i for i, b in enumerate(batches)}
+    # The smallest batch gets no term of its own: its steps pin the overhead every step pays, and
+    # the prompt steps' extra fixed cost is then a term of its own.
+    column = {b: i for i, b in enumerate(batches[1:])}
+    # The gather curve needs positions that vary apart from the batch: padded steps (one long
+    # sequence among short ones). Without them, linear context and padding terms.
+    padded = any(3 * s.padded >= s.batch * s.max_ctx for s in dec)  # a third of it padding, or more
+    knots = gather_knots([s.batch * s.max_ctx for s in dec]) if padded else []
 
     def one_hot(b: int) -> list[float]:
-        return [1.0 if column.get(b) == i else 0.0 for i in range(len(batches))]
+        return [1.0 if column.get(b) == i else 0.0 for i in range(len(column))]
 
-    # Columns: overhead, prompt token, attention pair, one per batch size, context, padding.
-    rows = [[1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), 0.0, 0.0] for s in pre]
-    rows += [[1.0, 0.0, 0.0, *one_hot(s.batch), s.ctx_tokens, s.padded] for s in dec]
-    times = [s.seconds for s in pre] + [s.seconds for s in dec]
+    def memory(s: DecodeStep) -> list[float]:
+        return [*hat_weights(s.batch * s.max_ctx, knots), 0.0] if knots else [float(s.ctx_tokens)]
+
+    # Columns: overhead, prompt-step overhead, prompt token, attention pair, one per batch size
+    # beyond the smallest, the gather knots (or the context), a mixed step's decode context and
+    # its decodes.
+    none = [0.0] * (len(knots) + 1 if knots else 1)
+    rows = [
+        [1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *none, 0.0, 0.0] for s in pre
+    ]
+    rows += [[1.0, 0.0, 0.0, 0.0, *one_hot(s.batch), *memory(s), 0.0, 0.0] for s in dec]
+    rows += [
+        [1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *none, s.ctx_tokens, s.batch]
+        for s in mix
+    ]
+    times = [s.seconds for s in pre] + [s.seconds for s in dec] + [s.seconds for s in mix]
     x = fit_nonnegative(rows, times)
-    table = tuple(zip(batches, x[3 : 3 + len(batches)], strict=True))
+    k = len(column)
+    table = tuple(zip(batches, [0.0, *x[4 : 4 + k]], strict=True)) if batches else ()
+    gather = tuple(zip(knots, x[4 + k : 4 + k + len(knots)], strict=True))
+    ctx_decode = 0.0 if knots else x[4 + k]
     sq = sum(b * b for b in batches)
+    # A mixed step's decode context: from the mixed steps; else priced like decode-only steps.
+    first = gather[0][1] / gather[0][0] if gather else ctx_decode
+    ctx = x[-2] if mix else first
     return {
         "overhead_s": x[0],
-        "prefill_token_s": x[1],
-        "attn_pair_s": x[2],
+        "prefill_overhead_s": x[1],
+        "prefill_token_s": x[2],
+        "attn_pair_s": x[3],
         "decode_seq_s": sum(b * c for b, c in table) / sq if sq else 0.0,
-        "decode_ctx_s": x[-2],
-        "decode_pad_s": x[-1],
+        "decode_ctx_s": ctx,
+        "decode_pad_s": 0.0,
         "decode_batch_s": table,
+        "decode_gather_s": gather,
+        "mixed_decode_s": x[-1] if mix else None,
     }
+
+
+def gather_knots(positions: list[int]) -> list[int]:
+    """1k, 2k, 4k, ... positions below the largest gathered, then the largest; a knot whose
+    interval (from the knot before) holds no timed step is left out."""
+    top = max(positions, default=0)
+    grid, k = [], 1024
+    while k < top:
+        grid.append(k)
+        k *= 2
+    grid = [*grid, top] if top else []
+    return [b for a, b in itertools.pairwise([0, *grid]) if any(a < p <= b for p in positions)]
+
+
+def hat_weights(x: int, knots: list[int]) -> list[float]:
+    """The weights of the knots' values in the piecewise-linear function (through 0 at 0) at x."""
+    w = [0.0] * len(knots)
+    points = [0, *knots]
+    for i in range(1, len(points)):
+        lo, hi = points[i - 1], points[i]
+        if x <= hi or i == len(points) - 1:
+            t = (x - lo) / (hi - lo)
+            w[i - 1] = t
+            if i > 1:
+                w[i - 2] = 1.0 - t
+            return w
+    return w
+
+
+def steps_from_raw(raw: dict[str, Any]) -> tuple[list[PrefillStep], list[DecodeStep], list[MixedStep]]:
+    """The timed steps of a profile's `.raw.json` (see profile.py), to fit them again."""
+    return (
+        [PrefillStep(int(n), int(c), float(t)) for n, c, t in raw.get("prefill", [])],
+        [DecodeStep(int(b), int(c), int(m), float(t)) for b, c, m, t in raw.get("decode", [])],
+        [MixedStep(int(b), int(c), int(n), int(k), float(t)) for b, c, n, k, t in raw.get("mixed", [])],
+    )

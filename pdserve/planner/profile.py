@@ -6,10 +6,17 @@ Prefill: one prompt of t tokens, for each t, chunk by chunk under the serving to
 before it. Decode: sequences of c context tokens, timed at every batch size of `decode_batches`
 (the batch shrinks by aborting sequences, so one prefill serves every size): the step is not
 linear in the batch, and the simulator interpolates between these sizes. A second sweep puts one
-long sequence among short ones, which shows whether attention pays for the padding to the longest
-context. Every step is `LLMEngine.step()` as a worker runs it (schedule, forward, sample,
-detokenize). Transports: random KV tensors of the model's layout pushed layer by layer through
-the kv_transfer connectors (local, shm, tcp over loopback), from the first send to the receiver's
+long sequence among short ones at every batch size, which shows that attention pays for the
+padding to the longest context, and where its gathers outgrow the caches. Mixed steps put a new
+prompt chunk next to running decodes, at a few batch sizes, to time what a decode adds to a step
+that also prefills. Every step is `LLMEngine.step()` as a worker runs it (schedule, forward,
+sample, detokenize), and on a thread of its own, as a worker's AsyncLLM steps its engine: with
+two threads the same step runs slower off the process's main thread (on the CPU here a
+150-token prefill took 183-198 ms on the main thread and 254-286 ms on a second one, a batch-1
+decode 38-43 against 48-67 ms; one thread showed no difference), and a two-thread profile timed
+on the main thread under-predicted the served co-located worker's prompt steps by ~50-100 ms.
+Transports: random KV tensors of the model's layout pushed layer by layer through the kv_transfer
+connectors (local, shm, tcp over loopback), from the first send to the receiver's
 completion callback. `--cpus` / `--threads` set the cores the engine computes on, so a 1-core
 profile (one worker per core, as in a 1P1D CPU deployment) and a 2-core one (a co-located worker)
 can be compared; `--clock cpu` times a one-thread engine by its CPU time, which other processes on
@@ -30,7 +37,7 @@ from typing import Any
 
 import torch
 
-from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
+from pdserve.planner.perf_fit import DecodeStep, MixedStep, PrefillStep, fit_steps
 from pdserve.planner.perf_model import PerfModel
 
 logger = logging.getLogger(__name__)
@@ -49,8 +56,13 @@ class ProfileSpec:
     # A context sweep stops at batch * context = this many tokens (each needs prefilling first);
     # None: 8,192 on a CPU, 262,144 on a GPU (where batches of 64-256 are the operating range).
     max_decode_tokens: int | None = None
-    # One sequence this long among short ones (decode_contexts[0]), batches 2-8; 0 skips it.
-    mixed_long_context: int = 1024
+    # One sequence this long (at most the model's context less 128) among short ones
+    # (decode_contexts[0]), at every batch size from 2; 0 skips it.
+    mixed_long_context: int = 1920
+    # Mixed steps: a new prompt of `chunk_tokens` next to this many running decodes (of each of
+    # the first two decode_contexts); empty skips them.
+    chunk_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    chunk_tokens: int = 128
     transports: list[str] = field(default_factory=lambda: ["local", "shm", "tcp"])
     transfer_tokens: int = 1024
     # The serving token budget: prompts are timed chunk by chunk, as a worker with it runs them.
@@ -94,6 +106,12 @@ def _timed_step(engine: Any, clock: Callable[[], float]) -> float:
     return clock() - t0
 
 
+def _prompt(engine: Any, tokens: int, g: torch.Generator) -> list[int]:
+    """Random token ids (below the model's vocabulary, past the special tokens at its start)."""
+    high = min(20000, engine.arch.vocab_size)
+    return torch.randint(min(100, high // 2), high, (tokens,), generator=g).tolist()
+
+
 def _time_prefill(
     engine: Any, tokens: int, repeats: int, rid: str, clock: Callable[[], float]
 ) -> list[PrefillStep]:
@@ -105,7 +123,7 @@ def _time_prefill(
     out = []
     for i in range(repeats + 1):  # the first run warms up
         g = torch.Generator().manual_seed(1000 * tokens + i)
-        prompt = torch.randint(100, 20000, (tokens,), generator=g).tolist()
+        prompt = _prompt(engine, tokens, g)
         engine.add_request(f"{rid}-{i}", prompt, SamplingParams(temperature=0, max_tokens=1))
         done = 0
         while done < tokens:
@@ -135,7 +153,7 @@ def _time_decode(
     )
     ids = [f"{rid}-{i}" for i in range(len(contexts))]
     for i, (request_id, length) in enumerate(zip(ids, contexts, strict=True)):
-        prompt = torch.randint(100, 20000, (length,), generator=torch.Generator().manual_seed(i)).tolist()
+        prompt = _prompt(engine, length, torch.Generator().manual_seed(i))
         engine.add_request(request_id, prompt, params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
         engine.scheduler.waiting
@@ -153,6 +171,72 @@ def _time_decode(
     for request_id in ids:
         engine.abort_request(request_id)
     return out
+
+
+def _time_mixed(
+    engine: Any,
+    context: int,
+    batches: list[int],
+    tokens: int,
+    steps: int,
+    rid: str,
+    clock: Callable[[], float],
+) -> list[MixedStep]:
+    """Steps that compute a new `tokens`-token prompt next to each size of `batches` running
+    decodes (prompts of `context` tokens), largest batch first, shrinking by aborts."""
+    from pdserve.sampling_params import SamplingParams
+
+    sizes = sorted({b for b in batches if b >= 1}, reverse=True)
+    if not sizes:
+        return []
+    budget = engine.config.scheduler.max_num_batched_tokens
+    prefill_steps = sizes[0] * context // budget + sizes[0] + 2
+    params = SamplingParams(
+        temperature=0, max_tokens=prefill_steps + (steps + 3) * len(sizes) + 3, ignore_eos=True
+    )
+    ids = [f"{rid}-{i}" for i in range(sizes[0])]
+    for i, request_id in enumerate(ids):
+        prompt = _prompt(engine, context, torch.Generator().manual_seed(i))
+        engine.add_request(request_id, prompt, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    out = []
+    for b in sizes:
+        for request_id in ids[b:]:
+            engine.abort_request(request_id)
+        ids = ids[:b]
+        engine.step()
+        for i in range(steps + 1):  # the first one warms up
+            g = torch.Generator().manual_seed(7000 + 100 * b + i)
+            prompt = _prompt(engine, tokens, g)
+            engine.add_request(f"{rid}-new-{b}-{i}", prompt, SamplingParams(temperature=0, max_tokens=1))
+            ctx = sum(r.num_computed_tokens for r in engine.scheduler.running)
+            dt = _timed_step(engine, clock)
+            if i:
+                out.append(MixedStep(b, ctx, tokens, 0, dt))
+    for request_id in ids:
+        engine.abort_request(request_id)
+    return out
+
+
+def _on_engine_thread(fn: Callable[[], Any]) -> Any:
+    """fn() on a new thread (as AsyncLLM steps a worker's engine), its result or its exception."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name="pdserve-engine")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _time_transport(transport: str, layout: Any, tokens: int, repeats: int) -> float:
@@ -205,17 +289,9 @@ def _time_transport(transport: str, layout: Any, tokens: int, repeats: int) -> f
     return nbytes / statistics.median(times) / 1e9
 
 
-def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
-    if spec.cpus:
-        from pdserve.workers.common import set_cpu_affinity
-
-        set_cpu_affinity(spec.cpus)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    engine = _engine(spec)
-    if spec.clock == "cpu" and engine.device.type != "cpu":
-        raise ValueError("clock 'cpu' needs the engine on a CPU")
-    clock = time.thread_time if spec.clock == "cpu" else time.perf_counter
+def _time_steps(
+    engine: Any, spec: ProfileSpec, clock: Callable[[], float]
+) -> tuple[list[PrefillStep], list[DecodeStep], list[MixedStep]]:
     prefill: list[PrefillStep] = []
     for t in spec.prefill_tokens:
         prefill += _time_prefill(engine, t, spec.repeats, f"p{t}", clock)
@@ -230,11 +306,40 @@ def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
         if batches:
             decode += _time_decode(engine, [c] * max(batches), batches, steps, f"d{c}", clock)
     if spec.mixed_long_context:
-        short, batches = spec.decode_contexts[0], [b for b in spec.decode_batches if 2 <= b <= 8]
+        short, batches = spec.decode_contexts[0], [b for b in spec.decode_batches if b >= 2]
         if batches:
-            contexts = [spec.mixed_long_context] + [short] * (max(batches) - 1)
+            # Room for the tokens decoded while the batch shrinks through every size.
+            long = min(spec.mixed_long_context, engine.max_model_len - 128)
+            contexts = [long] + [short] * (max(batches) - 1)
             decode += _time_decode(engine, contexts, batches, steps, "mixed", clock)
-    fitted = fit_steps(prefill, decode)
+    room = spec.max_num_batched_tokens - spec.chunk_tokens  # decodes that fit beside the chunk
+    mixed: list[MixedStep] = []
+    for c in spec.decode_contexts[:2]:  # two contexts: a decode's cost apart from its context's
+        mixed += _time_mixed(
+            engine,
+            c,
+            [b for b in spec.chunk_batches if b <= room],
+            spec.chunk_tokens,
+            steps,
+            f"chunk{c}",
+            clock,
+        )
+    return prefill, decode, mixed
+
+
+def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
+    if spec.cpus:
+        from pdserve.workers.common import set_cpu_affinity
+
+        set_cpu_affinity(spec.cpus)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    engine = _engine(spec)
+    if spec.clock == "cpu" and engine.device.type != "cpu":
+        raise ValueError("clock 'cpu' needs the engine on a CPU")
+    clock = time.thread_time if spec.clock == "cpu" else time.perf_counter
+    prefill, decode, mixed = _on_engine_thread(lambda: _time_steps(engine, spec, clock))
+    fitted = fit_steps(prefill, decode, mixed)
     from pdserve.workers.common import kv_layout
 
     layout = kv_layout(engine)
@@ -242,6 +347,7 @@ def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
     raw: dict[str, Any] = {
         "prefill": [[s.tokens, s.cached, s.seconds] for s in prefill],
         "decode": [[s.batch, s.ctx_tokens, s.max_ctx, s.seconds] for s in decode],
+        "mixed": [[s.batch, s.ctx_tokens, s.tokens, s.cached, s.seconds] for s in mixed],
         "links_gbps": links,
     }
     threads = torch.get_num_threads()

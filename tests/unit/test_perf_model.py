@@ -8,7 +8,14 @@ import pytest
 
 from pdserve.bench.client import RequestResult
 from pdserve.planner.fidelity import calibrate_serving, compare, format_rows, load_runs
-from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_nonnegative, fit_steps
+from pdserve.planner.perf_fit import (
+    DecodeStep,
+    MixedStep,
+    PrefillStep,
+    fit_nonnegative,
+    fit_steps,
+    steps_from_raw,
+)
 from pdserve.planner.perf_model import FABRICS_GBPS, PerfModel, attention_pairs
 from pdserve.planner.simulator import Deployment, SimRequest, simulate
 
@@ -76,15 +83,19 @@ def test_calibration_recovers_serving_costs_hidden_from_the_profile() -> None:
 
 
 def test_old_perf_files_load_with_the_new_terms_off(tmp_path: Path) -> None:
-    old = {
-        k: v
-        for k, v in PERF.to_dict().items()
-        if k not in ("decode_pad_s", "decode_batch_s", "serving_step_s")
-    }
+    newer = (
+        "decode_pad_s", "decode_batch_s", "decode_gather_s", "serving_step_s", "mixed_decode_s", "prefill_overhead_s",
+        "serving_prompt_s", "serving_latency_s", "wake_s", "wake_tau_s",
+    )  # fmt: skip
+    old = {k: v for k, v in PERF.to_dict().items() if k not in newer}
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     perf = PerfModel.load(path)
-    assert perf.decode_batch_s == () and perf.decode_pad_s == 0.0 and perf.serving_step_s == 0.0
+    assert (
+        perf.decode_batch_s == perf.decode_gather_s == () and perf.decode_pad_s == perf.serving_step_s == 0.0
+    )
+    assert perf.mixed_decode_s is None and perf.prefill_overhead_s == perf.serving_prompt_s == 0.0
+    assert perf.serving_latency_s == perf.wake_s == 0.0 and perf.wake_cost_s(100.0) == 0.0
     # A plain linear model, as before those terms existed.
     assert perf.decode_step_s(8, 8 * 300, 1000) == pytest.approx(0.02 + 8 * 0.003 + 2400 * 1e-5)
 
@@ -112,18 +123,72 @@ def test_padding_to_the_longest_context_is_paid_in_decode_only_steps() -> None:
     )
 
 
-def test_fit_recovers_the_batch_table_and_context_terms_from_steps() -> None:
-    truth = replace(PERF, decode_pad_s=6e-6, decode_batch_s=((1, 0.002), (2, 0.004), (4, 0.030), (8, 0.050)))
+def test_fit_recovers_the_batch_table_gather_curve_and_prompt_terms_from_steps() -> None:
+    # A gather cost that bends up past 4k positions (the caches), at the knots the fit uses.
+    gather = ((1024, 0.004), (2048, 0.008), (4096, 0.016), (8192, 0.060), (8320, 0.062))
+    truth = replace(
+        PERF, decode_batch_s=((1, 0.0), (2, 0.004), (4, 0.030), (8, 0.050)), decode_gather_s=gather,
+        prefill_overhead_s=0.015, mixed_decode_s=0.006,
+    )  # fmt: skip
     prefill = [PrefillStep(n, c, truth.prefill_s(n, c)) for n, c in ((64, 0), (256, 0), (512, 0), (512, 512))]
     decode = []
     for b in (1, 2, 4, 8):
         for c in (128, 512):
             decode.append(DecodeStep(b, b * c, c, truth.decode_step_s(b, b * c)))
-        if b > 1:  # one long sequence among short ones
-            ctx = 1024 + (b - 1) * 128
-            decode.append(DecodeStep(b, ctx, 1024, truth.decode_step_s(b, ctx, 1024)))
-    got = fit_steps(prefill, decode)
-    for name in ("overhead_s", "prefill_token_s", "attn_pair_s", "decode_ctx_s", "decode_pad_s"):
+        if b > 1:  # one long sequence among short ones: padded to it
+            ctx = 1040 + (b - 1) * 128
+            decode.append(DecodeStep(b, ctx, 1040, truth.decode_step_s(b, ctx, 1040)))
+    mixed = [
+        MixedStep(b, b * c, 128, 0, truth.step_s(b, b * c, [(128, 0)]))
+        for b in (1, 2, 4, 8)
+        for c in (130, 520)
+    ]
+    got = fit_steps(prefill, decode, mixed)
+    for name in (
+        "overhead_s",
+        "prefill_overhead_s",
+        "prefill_token_s",
+        "attn_pair_s",
+        "decode_ctx_s",
+        "mixed_decode_s",
+    ):
         assert got[name] == pytest.approx(getattr(truth, name), rel=1e-6), name
     assert [b for b, _ in got["decode_batch_s"]] == [1, 2, 4, 8]
-    assert [s for _, s in got["decode_batch_s"]] == pytest.approx([0.002, 0.004, 0.030, 0.050], rel=1e-6)
+    assert [s for _, s in got["decode_batch_s"]] == pytest.approx(
+        [0.0, 0.004, 0.030, 0.050], rel=1e-6, abs=1e-9
+    )
+    assert [p for p, _ in got["decode_gather_s"]] == [1024, 2048, 4096, 8192, 8320]  # up to 8 x 1,040
+    assert [s for _, s in got["decode_gather_s"]] == pytest.approx([s for _, s in gather], rel=1e-6)
+    # Without mixed steps their decodes stay unmeasured (decode_seq_s stands in for them).
+    assert fit_steps(prefill, decode)["mixed_decode_s"] is None
+    # A profile's raw file gives the same steps back.
+    raw = {
+        "prefill": [[s.tokens, s.cached, s.seconds] for s in prefill],
+        "decode": [[s.batch, s.ctx_tokens, s.max_ctx, s.seconds] for s in decode],
+        "mixed": [[s.batch, s.ctx_tokens, s.tokens, s.cached, s.seconds] for s in mixed],
+    }
+    assert steps_from_raw(json.loads(json.dumps(raw))) == (prefill, decode, mixed)
+
+
+def test_a_decode_step_pays_its_gathers_by_the_curve_and_past_it_by_the_last_slope() -> None:
+    perf = replace(PERF, decode_gather_s=((1000, 0.01), (4000, 0.07)))
+    assert perf.decode_gather_cost_s(500) == pytest.approx(0.005)
+    assert perf.decode_gather_cost_s(2500) == pytest.approx(0.04)
+    assert perf.decode_gather_cost_s(7000) == pytest.approx(0.13)  # 0.02 ms per position past 4k
+    # Padding counts: 4 sequences gathered to the longest, 1,000 tokens: 4,000 positions.
+    assert perf.decode_step_s(4, 1300, 1000) == pytest.approx(PERF.overhead_s + 4 * PERF.decode_seq_s + 0.07)
+    # Mixed steps keep the per-sequence context term.
+    assert perf.step_s(4, 1300, [(16, 0)]) == pytest.approx(PERF.step_s(4, 1300, [(16, 0)]))
+
+
+def test_a_prompt_step_pays_its_own_overhead_and_its_decodes_the_mixed_cost() -> None:
+    perf = replace(PERF, prefill_overhead_s=0.05, mixed_decode_s=0.02)
+    assert perf.prefill_s(100) == pytest.approx(PERF.prefill_s(100) + 0.05)
+    assert perf.decode_step_s(4, 400) == pytest.approx(PERF.decode_step_s(4, 400))  # decode-only: no
+    mixed = perf.step_s(4, 400, [(100, 0)])
+    assert mixed - perf.prefill_s(100) == pytest.approx(4 * 0.02 + 400 * PERF.decode_ctx_s)
+    # Files from before the term: a mixed step's decodes cost decode_seq_s, as they did.
+    assert PERF.mixed_decode_s is None
+    assert PERF.step_s(4, 400, [(100, 0)]) - PERF.prefill_s(100) == pytest.approx(
+        4 * PERF.decode_seq_s + 400 * PERF.decode_ctx_s
+    )

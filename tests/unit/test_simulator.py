@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -156,3 +157,55 @@ def test_an_idle_prefill_worker_serving_short_requests_whole_adds_decode_capacit
     # The long prompt shares its prefill steps with at most the cap of decodes: a little later only.
     assert whole_res[32].ttft_s is not None and plain_res[32].ttft_s is not None
     assert whole_res[32].ttft_s < 1.1 * plain_res[32].ttft_s
+
+
+def test_a_request_to_an_idle_deployment_pays_the_wake_up_and_every_token_the_latency() -> None:
+    served = replace(PERF, wake_s=0.1, wake_tau_s=1.0, serving_latency_s=0.05)
+    reqs = [SimRequest(0, 30.0, 100, 3), SimRequest(1, 35.0, 100, 30), SimRequest(2, 35.05, 100, 3)]
+    first, second, third = simulate(served, Deployment(colocated=1), reqs)
+    plain = simulate(PERF, Deployment(colocated=1), reqs)
+    # The first request finds the deployment idle since the run began (30 s): the whole wake-up.
+    assert first.ttft_s == pytest.approx(PERF.prefill_s(100) + 0.1 * (1 - math.exp(-30)) + 0.05)
+    assert first.itls_s == pytest.approx(plain[0].itls_s)  # the latency shifts every token alike
+    assert first.phases is not None and float(first.phases["first_token"]) == pytest.approx(
+        first.ttft_s - 0.05
+    )
+    # The second finds it idle since the first ended; the third arrives while the second runs.
+    idle = 5.0 - (first.e2e_s - 0.05)  # the second arrives 5 s after the first
+    assert second.ttft_s == pytest.approx(PERF.prefill_s(100) + 0.1 * (1 - math.exp(-idle)) + 0.05)
+    assert third.ttft_s is not None and plain[2].ttft_s is not None
+    assert third.ttft_s - 0.05 < plain[2].ttft_s + 0.1 * (1 - math.exp(-idle)) + 1e-9  # no wake of its own
+
+
+def test_a_full_kv_cache_preempts_the_latest_request_and_recomputes_it() -> None:
+    reqs = [SimRequest(0, 0.0, 60, 40), SimRequest(1, 0.0, 60, 40)]
+    roomy = simulate(PERF, Deployment(colocated=1), reqs)
+    # 10 blocks of 16 tokens: each request grows to 100 tokens (7 blocks), both cannot fit.
+    tight = simulate(PERF, Deployment(colocated=1, kv_blocks=10, block_size=16), reqs)
+    assert all(r.ok and r.output_tokens == 40 for r in tight)
+    assert tight[0].e2e_s == pytest.approx(roomy[0].e2e_s, rel=0.2)  # the first keeps running
+    # The second was preempted when the first needed its 7th block, and computed again after it.
+    assert tight[1].e2e_s is not None and roomy[1].e2e_s is not None
+    assert tight[1].e2e_s > tight[0].e2e_s + 20 * PERF.decode_step_s(1, 100)
+    assert tight[1].ttft_s == pytest.approx(roomy[1].ttft_s)  # its first token came before
+
+
+def test_a_remote_prefill_past_its_deadline_is_prefilled_where_it_decodes() -> None:
+    slow = replace(PERF, prefill_token_s=0.01)  # a 100-token prompt: ~1 s
+    dep = Deployment(prefill=1, decode=1, fabric="slow", kv_timeout_s=0.5, kv_grace_s=0.2)
+    [r] = simulate(slow, dep, [SimRequest(0, 0.0, 100, 3)])
+    assert r.phases is not None and r.phases["prefill_path"] == "fallback"
+    # Given up 0.7 s after its decision (the prefill worker's step is dropped), then prefilled by
+    # the idle decode worker.
+    assert r.ttft_s == pytest.approx(0.7 + slow.prefill_s(100))
+    assert r.ok and r.output_tokens == 3
+
+
+def test_a_decode_worker_without_blocks_for_a_remote_prompt_prefills_it_itself() -> None:
+    dep = Deployment(prefill=1, decode=1, fabric="slow", kv_blocks=10, block_size=16)
+    # The first holds 4-7 blocks while it decodes; the second's 100 tokens need 7 at once.
+    reqs = [SimRequest(0, 0.0, 60, 50), SimRequest(1, 0.5, 100, 2)]
+    (first, second), decisions = simulate_with_stats(PERF, dep, reqs)
+    assert decisions == {"local": 1, "remote": 1}
+    assert second.phases is not None and second.phases["prefill_path"] == "local"
+    assert first.ok and second.ok

@@ -1,0 +1,62 @@
+"""pdserve profile's machinery that needs no model: the engine thread and refitting saved timings."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pdserve.planner.perf_model import PerfModel
+from pdserve.planner.profile import _on_engine_thread
+
+TRUTH = PerfModel(
+    name="toy", source="measured", kv_bytes_per_token=2048, num_layers=4, overhead_s=0.02,
+    prefill_token_s=0.001, attn_pair_s=1e-7, decode_seq_s=0.003, decode_ctx_s=1e-5,
+    decode_batch_s=((1, 0.0), (2, 0.004), (4, 0.03)), prefill_overhead_s=0.04, mixed_decode_s=0.01,
+    decode_gather_s=((1024, 0.01), (2048, 0.02), (4000, 0.05)),
+    links_gbps={"shm": 2.0}, serving_step_s=0.005,
+)  # fmt: skip
+
+
+def test_steps_are_timed_on_a_thread_of_their_own_as_a_worker_runs_them() -> None:
+    assert _on_engine_thread(lambda: threading.current_thread().name) == "pdserve-engine"
+    assert _on_engine_thread(lambda: threading.current_thread()) is not threading.current_thread()
+
+    def fails() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        _on_engine_thread(fails)
+
+
+def test_refit_fits_the_saved_timings_again_and_keeps_the_rest(tmp_path: Path) -> None:
+    from pdserve.cli import main
+
+    old = replace(TRUTH, overhead_s=0.5, prefill_overhead_s=0.0, mixed_decode_s=None)  # an earlier fit
+    old.save(tmp_path / "perf.json")
+    engine = replace(TRUTH, serving_step_s=0.0)  # what a profile times
+    raw = {
+        "prefill": [[n, c, engine.prefill_s(n, c)] for n, c in ((64, 0), (256, 0), (512, 0), (512, 512))],
+        "decode": [[b, b * c, c, engine.decode_step_s(b, b * c)] for b in (1, 2, 4) for c in (128, 512)]
+        + [
+            [b, 1000 + 128 * (b - 1), 1000, engine.decode_step_s(b, 1000 + 128 * (b - 1), 1000)]
+            for b in (2, 4)
+        ],
+        "mixed": [
+            [b, b * c, 128, 0, engine.step_s(b, b * c, [(128, 0)])] for b in (1, 2, 4) for c in (130, 520)
+        ],
+    }
+    (tmp_path / "perf.raw.json").write_text(json.dumps(raw))
+    assert (
+        main(["profile", "--refit", str(tmp_path / "perf.json"), "--json", str(tmp_path / "new.json")]) == 0
+    )
+    new = PerfModel.load(tmp_path / "new.json")
+    for name in ("overhead_s", "prefill_overhead_s", "prefill_token_s", "mixed_decode_s", "decode_ctx_s"):
+        assert getattr(new, name) == pytest.approx(getattr(TRUTH, name), rel=1e-6), name
+    assert [p for p, _ in new.decode_gather_s] == [1024, 2048, 4000]
+    assert [s for _, s in new.decode_gather_s] == pytest.approx([0.01, 0.02, 0.05], rel=1e-6)
+    assert new.links_gbps == TRUTH.links_gbps and new.serving_step_s == 0.005  # not the fit's business
+    assert "refitted" in new.notes
