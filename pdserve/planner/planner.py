@@ -20,6 +20,7 @@ from pdserve.bench.report import SLO, summarize
 from pdserve.bench.workload import LengthSampler, RequestSpec, arrivals
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.simulator import Deployment, SimRequest, simulate, simulate_with_stats
+from pdserve.router.whole_policy import WholePolicy
 from pdserve.workers.disagg_policy import DisaggPolicy
 
 ATTAINMENT_TARGET = 0.9
@@ -135,11 +136,19 @@ def goodput_of(
 
 def candidate_deployments(gpus: int, base: Deployment, policy: DisaggPolicy | None) -> list[Deployment]:
     """Co-located on all GPUs, and every xPyD split of them: pure (every prompt remote) and, when
-    a policy is given, conditional (each decode worker decides per request)."""
-    out = [replace(base, colocated=gpus, prefill=0, decode=0, policy=None)]
-    for pol in (None, policy) if policy is not None else (None,):
+    a policy is given, conditional (each decode worker decides per request), also with idle prefill
+    workers serving short requests whole (`--prefill-serves-whole`)."""
+    out = [replace(base, colocated=gpus, prefill=0, decode=0, policy=None, whole=None)]
+    variants: list[tuple[DisaggPolicy | None, WholePolicy | None]] = [(None, None)]
+    if policy is not None:
+        variants.append((policy, None))
+        # Whole requests on up to half a prefill worker's sequence slots (room kept for long prompts
+        # arriving later) or all of them (the most decode capacity when prompts are all short).
+        for cap in sorted({max(base.max_num_seqs // 2, 1), base.max_num_seqs}):
+            variants.append((policy, WholePolicy(policy.threshold_tokens, cap)))
+    for pol, whole_policy in variants:
         for x in range(1, gpus):
-            out.append(replace(base, colocated=0, prefill=x, decode=gpus - x, policy=pol))
+            out.append(replace(base, colocated=0, prefill=x, decode=gpus - x, policy=pol, whole=whole_policy))
     return out
 
 
@@ -183,6 +192,11 @@ def _reasons(
             "long prompts stall co-located decodes (chunked prefill shares each step with them); a prefill "
             "pool keeps decode steps short, and this fabric moves the KV in a fraction of the prefill time"
         )
+        if best.deployment.whole is not None:
+            reasons.append(
+                "short prompts leave the prefill pool idle between long ones: letting it serve short "
+                "requests whole adds its GPUs to decoding"
+            )
     return reasons
 
 
@@ -199,6 +213,8 @@ def serve_command(dep: Deployment, model: str, transport: str = "tcp") -> str:
         )
     else:
         cmd += " --remote-prefill-threshold 1"
+    if dep.whole is not None:
+        cmd += f" --prefill-serves-whole --max-whole-per-prefill-worker {dep.whole.max_whole_per_worker}"
     return cmd
 
 

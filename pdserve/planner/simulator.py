@@ -88,7 +88,11 @@ class Deployment:
         if self.colocated:
             return f"colocated x{self.colocated}"
         kind = "conditional " if self.policy is not None else ""
-        whole = " (prefill serves whole)" if self.whole is not None else ""
+        whole = (
+            f" (prefill serves up to {self.whole.max_whole_per_worker} whole)"
+            if self.whole is not None
+            else ""
+        )
         return f"{kind}{self.prefill}P{self.decode}D{whole}"
 
 

@@ -59,5 +59,27 @@ def test_plan_cli_prints_and_writes_the_plan(tmp_path, capsys) -> None:  # type:
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["disaggregate"] is False
-    assert [c["deployment"] for c in result["candidates"]] == ["colocated x2", "1P1D", "conditional 1P1D"]
+    assert [c["deployment"] for c in result["candidates"]] == [
+        "colocated x2", "1P1D", "conditional 1P1D", "conditional 1P1D (prefill serves up to 64 whole)",
+        "conditional 1P1D (prefill serves up to 128 whole)",
+    ]  # fmt: skip
     assert "pdserve serve" in capsys.readouterr().out
+
+
+def test_an_idle_prefill_worker_serving_whole_requests_doubles_short_only_capacity() -> None:
+    """Short prompts only: conditional 1P1D prefills them all on the decode GPU and idles the other;
+    with whole requests on the prefill worker both GPUs decode, as two co-located replicas do."""
+    from pdserve.planner.planner import serve_command
+    from pdserve.workers.disagg_policy import DisaggPolicy
+
+    wl = workload(LengthSampler("short", short_range=(100, 300), output_range=(128, 256)))
+    policy = DisaggPolicy(512, 4, 100e9, GPU.kv_bytes_per_token, 512)
+    result = plan(GPU, wl, SLO(1.0, 0.05), 2, "nvlink", base=BASE, policy=policy)
+    by_label = {c.deployment.label: c.goodput_req_s for c in result.candidates}
+    plain = by_label["conditional 1P1D"]
+    half, full = (by_label[f"conditional 1P1D (prefill serves up to {n} whole)"] for n in (64, 128))
+    assert half >= 1.5 * plain, by_label
+    # With all its slots open to whole requests the prefill GPU decodes nearly as much as a replica.
+    assert full >= 0.8 * by_label["colocated x2"] and full > half, by_label
+    dep = next(c.deployment for c in result.candidates if c.deployment.whole is not None)
+    assert "--prefill-serves-whole --max-whole-per-prefill-worker 64" in serve_command(dep, "m")
