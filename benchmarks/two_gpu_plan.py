@@ -31,6 +31,7 @@ from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.planner import PlanWorkload, goodput_of, serve_command
 from pdserve.planner.simulator import Deployment, simulate
+from pdserve.router.whole_policy import WholePolicy
 from pdserve.workers.disagg_policy import DisaggPolicy
 
 
@@ -56,8 +57,11 @@ def deployments(perf: PerfModel, threshold: int) -> dict[str, Deployment]:
         kv_bytes_per_token=perf.kv_bytes_per_token,
         max_local_prefill_tokens=threshold,
     )
+    disagg = Deployment(prefill=1, decode=1, fabric="nvlink", policy=policy, **base)  # type: ignore[arg-type]
     return {
-        "1P1D": Deployment(prefill=1, decode=1, fabric="nvlink", policy=policy, **base),  # type: ignore[arg-type]
+        "1P1D": disagg,
+        # gpu_serving.py's 1P1D-whole: idle prefill worker serving short requests whole, up to 128.
+        "1P1D-whole": dataclasses.replace(disagg, whole=WholePolicy(threshold, 128)),
         "2xcolocated": Deployment(colocated=2, **base),  # type: ignore[arg-type]
     }
 
