@@ -7,10 +7,16 @@ and the caches' addresses in the handshake acknowledgement (after the HMAC chall
 never pickle). The prefill worker gathers each layer group's KV, as for tcp, into a staging buffer
 it registered once, and writes it with one NIXL WRITE straight into the reserved slots: one
 descriptor per (layer, K or V, run of consecutive slots). The socket carries the small header,
-sent once the write is done, the completion and aborts. Each write carries a notification naming
-its chunk; NIXL delivers a transfer's notification after its data, so the decode side takes a
-header only once the matching notification is in. With CPU caches the header carries a crc32 of
+sent as soon as the write is posted, the completion and aborts. Each write carries a notification
+naming its chunk; NIXL delivers a transfer's notification after its data, so the decode side takes
+a header only once the matching notification is in. With CPU caches the header carries a crc32 of
 the chunk, which the decode side recomputes from what landed in its cache.
+
+No progress threads: UCX's spins a core for as long as the agent lives. Each side progresses its
+agent only while it waits (the decode side for a header's notification, the prefill side for its
+write to finish), which is why the header leaves before the write is done: both sides are then
+waiting, and progressing, at the same time. An agent is not thread-safe here, so each side calls
+it under one lock.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 
 from pdserve.kv_transfer.base import Expectation, KVTransferError, OnDone, OnFailed, read_kv, slots_for
+from pdserve.kv_transfer.channel import send_msg
 from pdserve.kv_transfer.codec import checksum
 from pdserve.kv_transfer.tcp import SocketKVReceiver, SocketKVSender, _Item, _Peer
 from pdserve.protocol import KVLayerChunk, KVLayout, NixlEndpoint
@@ -50,8 +57,7 @@ def _agent(role: str) -> Any:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError as e:
         raise ValueError("transport nixl needs the nixl package (pip install nixl)") from e
-    # A progress thread moves transfers along without our threads polling NIXL.
-    config = nixl_agent_config(enable_prog_thread=True, backends=["UCX"])
+    config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
     return nixl_agent(f"pdserve-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}", config)
 
 
@@ -130,7 +136,9 @@ class NixlKVReceiver(SocketKVReceiver):
         regions = [
             [c.data_ptr(), c.stride(0) * c.element_size(), c.device.index or 0] for c in self.kv_caches
         ]
-        return {"nixl": NixlEndpoint(self._agent.get_agent_metadata(), _mem_type(self.kv_caches[0]), regions)}
+        with self._notify:
+            metadata = self._agent.get_agent_metadata()
+        return {"nixl": NixlEndpoint(metadata, _mem_type(self.kv_caches[0]), regions)}
 
     def _receive_payload(self, conn: object, chunk: KVLayerChunk) -> bytearray:
         """The data came by NIXL: wait for its notification (also for chunks we refuse, so no
@@ -204,8 +212,15 @@ class NixlKVSender(SocketKVSender):
             name = self._agent.add_remote_agent(endpoint.agent_metadata)
         self._remotes[(peer.host, peer.port)] = _Remote(name, endpoint.regions)
 
-    def encode_chunk(self, peer: _Peer, item: _Item) -> tuple[KVLayerChunk, bytes]:
-        """Send thread: stage the chunk, write it into the reserved slots, wait for the write."""
+    def push(self, peer: _Peer, item: _Item) -> None:
+        """Send thread: stage the chunk and post its write, send the header, then wait for the
+        write (the staging buffer is reused by the next chunk)."""
+        if item.kind != "kv":
+            super().push(peer, item)
+            return
+        assert peer.sock is not None
+        if self.fault_delay_s:
+            time.sleep(self.fault_delay_s)
         kv: torch.Tensor = item.payload  # [layers, 2, tokens, heads, dim]
         job = item.job
         num_layers, _, num_tokens = kv.shape[:3]
@@ -218,18 +233,6 @@ class NixlKVSender(SocketKVSender):
             item.layer_start, num_layers, num_tokens, row_bytes, dst.numpy(),
         )  # fmt: skip
         mem = _mem_type(kv)
-        agent = self._agent
-        handle = agent.initialize_xfer(
-            "WRITE",
-            agent.get_xfer_descs(local, mem),
-            agent.get_xfer_descs(remote_descs, mem),
-            remote.agent,
-            notification(job.request_id, item.layer_start, item.start),
-        )
-        try:
-            self._run(handle, job.request_id)
-        finally:
-            agent.release_xfer_handle(handle)
         chunk = KVLayerChunk(
             request_id=job.request_id,
             layer_start=item.layer_start,
@@ -240,7 +243,22 @@ class NixlKVSender(SocketKVSender):
             nbytes=kv.numel() * kv.element_size(),
             checksum=NOT_CHECKED if kv.is_cuda else checksum(kv.contiguous().numpy().tobytes()),
         )
-        return chunk, b""
+        with self._agent_lock:
+            agent = self._agent
+            handle = agent.initialize_xfer(
+                "WRITE",
+                agent.get_xfer_descs(local, mem),
+                agent.get_xfer_descs(remote_descs, mem),
+                remote.agent,
+                notification(job.request_id, item.layer_start, item.start),
+            )
+            state = agent.transfer(handle)
+        try:
+            send_msg(peer.sock, chunk)
+            self._wait(handle, state, job.request_id)
+        finally:
+            with self._agent_lock:
+                agent.release_xfer_handle(handle)
 
     def _stage(self, peer: _Peer, kv: torch.Tensor) -> _Staging:
         """Our registered buffer for this peer, holding `kv` (grown and re-registered if short)."""
@@ -248,10 +266,11 @@ class NixlKVSender(SocketKVSender):
         nbytes = kv.numel() * kv.element_size()
         staging = self._staging.get(key)
         if staging is None or staging.buffer.numel() < nbytes or staging.buffer.device != kv.device:
-            if staging is not None:
-                self._agent.deregister_memory(staging.registered)
             buffer = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=kv.device)
-            staging = _Staging(buffer, self._agent.register_memory([buffer]))
+            with self._agent_lock:
+                if staging is not None:
+                    self._agent.deregister_memory(staging.registered)
+                staging = _Staging(buffer, self._agent.register_memory([buffer]))
             self._staging[key] = staging
         # The copy is ordered after the forward pass that made `kv` (the default stream), and done
         # before NIXL reads the buffer.
@@ -260,8 +279,8 @@ class NixlKVSender(SocketKVSender):
             torch.cuda.current_stream(kv.device).synchronize()
         return staging
 
-    def _run(self, handle: Any, request_id: str) -> None:
-        state = self._agent.transfer(handle)
+    def _wait(self, handle: Any, state: str, request_id: str) -> None:
+        """Progress our agent until the write is done (the decode side progresses its own)."""
         deadline = time.monotonic() + WRITE_TIMEOUT_S
         pause = 20e-6
         while state != "DONE":
@@ -271,7 +290,8 @@ class NixlKVSender(SocketKVSender):
                 raise ConnectionError(f"[{request_id}] NIXL write did not finish in {WRITE_TIMEOUT_S:.0f} s")
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
-            state = self._agent.check_xfer_state(handle)
+            with self._agent_lock:
+                state = self._agent.check_xfer_state(handle)
 
     def close(self) -> None:
         # The send threads stop after their current chunk; the staging buffers stay registered
