@@ -151,14 +151,7 @@ def _time_decode(
     params = SamplingParams(
         temperature=0, max_tokens=prefill_steps + (steps + 1) * len(sizes) + 3, ignore_eos=True
     )
-    ids = [f"{rid}-{i}" for i in range(len(contexts))]
-    for i, (request_id, length) in enumerate(zip(ids, contexts, strict=True)):
-        prompt = _prompt(engine, length, torch.Generator().manual_seed(i))
-        engine.add_request(request_id, prompt, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
-        engine.step()
+    ids = _start_decoding(engine, contexts, params, rid)
     out = []
     for b in sizes:
         for request_id in ids[b:]:
@@ -171,6 +164,19 @@ def _time_decode(
     for request_id in ids:
         engine.abort_request(request_id)
     return out
+
+
+def _start_decoding(engine: Any, contexts: list[int], params: Any, rid: str) -> list[str]:
+    """Requests with prompts of `contexts` tokens (seeded by their index), stepped until every
+    prompt is prefilled; returns their ids."""
+    ids = [f"{rid}-{i}" for i in range(len(contexts))]
+    for i, (request_id, length) in enumerate(zip(ids, contexts, strict=True)):
+        engine.add_request(request_id, _prompt(engine, length, torch.Generator().manual_seed(i)), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    return ids
 
 
 def _time_mixed(
@@ -194,14 +200,7 @@ def _time_mixed(
     params = SamplingParams(
         temperature=0, max_tokens=prefill_steps + (steps + 3) * len(sizes) + 3, ignore_eos=True
     )
-    ids = [f"{rid}-{i}" for i in range(sizes[0])]
-    for i, request_id in enumerate(ids):
-        prompt = _prompt(engine, context, torch.Generator().manual_seed(i))
-        engine.add_request(request_id, prompt, params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
-        engine.step()
+    ids = _start_decoding(engine, [context] * sizes[0], params, rid)
     out = []
     for b in sizes:
         for request_id in ids[b:]:
