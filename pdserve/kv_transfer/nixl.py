@@ -276,7 +276,10 @@ class NixlKVSender(SocketKVSender):
         # before NIXL reads the buffer.
         staging.buffer[:nbytes].copy_(kv.contiguous().view(-1).view(torch.uint8))
         if kv.is_cuda:
-            torch.cuda.current_stream(kv.device).synchronize()
+            # Wait for this copy only, not for the rest of the forward queued behind it.
+            copied = torch.cuda.Event()
+            copied.record()
+            copied.synchronize()
         return staging
 
     def _wait(self, handle: Any, state: str, request_id: str) -> None:
