@@ -196,9 +196,12 @@ def tcp_dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     # Slow every KV chunk down (fault injection) so the transfer window is wide enough to hit.
     os.environ["PDSERVE_FAULT_KV_DELAY_S"] = "0.03"
     try:
+        # Decode steps launched ahead (the GPU default) in these workers: aborts, fallbacks and
+        # remote KV arriving must work with a step always in flight.
         with deployment(
-            tmp_path_factory.mktemp("tcp"), "--prefill", "1", "--decode", "1", "--transport", "tcp", *FLAGS
-        ) as dep:
+            tmp_path_factory.mktemp("tcp"), "--prefill", "1", "--decode", "1", "--transport", "tcp",
+            "--async-decode", *FLAGS,
+        ) as dep:  # fmt: skip
             yield dep
     finally:
         del os.environ["PDSERVE_FAULT_KV_DELAY_S"]
@@ -266,12 +269,15 @@ def test_2p2d_mixed_concurrent_traffic(
     prompts = [long_prompt(smollm2.tokenizer, t, 40) for t in TOPICS[:4]]
     prompts += [smollm2.tokenizer.encode(f"A fact about {t}:") for t in TOPICS[4:]]  # type: ignore[union-attr]
     want = [expected(smollm2_hf, smollm2, p, 16) for p in prompts]
-    with deployment(tmp_path, "--prefill", "2", "--decode", "2", "--transport", "tcp", *FLAGS) as dep:
+    flags = ("--prefill", "2", "--decode", "2", "--transport", "tcp", "--async-decode", *FLAGS)
+    with deployment(tmp_path, *flags) as dep:
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(lambda p: complete(dep, p, 16), prompts))
         assert got == want
         m = dep.metrics()
         assert metric(m, "pdserve_disagg_decisions_total", 'path="remote"') >= 1
         assert metric(m, "pdserve_disagg_decisions_total", 'path="local"') >= 4
+        # The decode workers launched steps ahead of reading the previous ones.
+        assert metric(m, "pdserve_engine_steps_total", 'kind="ahead"') > 0
         usage = dep.wait_idle()
         assert set(usage) == {"prefill-0", "prefill-1", "decode-0", "decode-1"}
