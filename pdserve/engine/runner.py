@@ -12,7 +12,7 @@ import torch
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 from pdserve.engine.model import CausalLM, ModelArch
-from pdserve.engine.sampler import PendingSamples, Sampler, SamplerOutput
+from pdserve.engine.sampler import PendingSamples, Sampler, SamplerOutput, to_device
 from pdserve.engine.scheduler import ScheduledRequest
 
 if TYPE_CHECKING:
@@ -39,9 +39,7 @@ class DeviceFeed:
     def input_ids(self) -> torch.Tensor:  # [len(rows)]
         if self.rows == list(range(len(self.token_ids))):
             return self.token_ids
-        index = torch.tensor(self.rows, dtype=torch.int64)
-        if self.token_ids.is_cuda:  # through pinned memory: queued, not waited for
-            index = index.pin_memory().to(self.token_ids.device, non_blocking=True)
+        index = to_device(self.rows, torch.int64, self.token_ids.device)  # queued, not waited for
         return self.token_ids.index_select(0, index)
 
 

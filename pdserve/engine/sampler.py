@@ -113,7 +113,7 @@ def _suppress(logits: torch.Tensor, suppress_token_ids: list[list[int]]) -> torc
     cols = [token_id for ids in suppress_token_ids for token_id in ids]
     if not rows:
         return logits
-    index = (_to_device(rows, torch.long, logits.device), _to_device(cols, torch.long, logits.device))
+    index = (to_device(rows, torch.long, logits.device), to_device(cols, torch.long, logits.device))
     return logits.index_put(index, logits.new_full((), float("-inf")))
 
 
@@ -129,12 +129,12 @@ def _sample(
     # Greedy rows go through the sampling path at temperature 1 and are overwritten below; one
     # batched pass over all rows is cheaper than gathering the sampled rows out and back.
     temperatures = [1.0 if p.greedy else max(p.temperature, _MIN_TEMPERATURE) for p in params]
-    scaled = logits / _to_device(temperatures, torch.float32, device).unsqueeze(1)  # [N, V]
+    scaled = logits / to_device(temperatures, torch.float32, device).unsqueeze(1)  # [N, V]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.greedy):
         scaled = _apply_top_k_top_p(scaled, params)
     probs = scaled.softmax(dim=-1)  # [N, V]
     sampled_ids = _exponential_race(probs, generators, is_greedy)  # [N]
-    return torch.where(_to_device(is_greedy, torch.bool, device), greedy_ids, sampled_ids)
+    return torch.where(to_device(is_greedy, torch.bool, device), greedy_ids, sampled_ids)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -147,14 +147,14 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
     # A stable sort keeps the lower id first among equal logits, so ties resolve like argmax.
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)  # [N, V] each
     ranks = torch.arange(vocab_size, device=device).expand(num_rows, vocab_size)  # [N, V]
-    drop = ranks >= _to_device(top_k, torch.long, device).unsqueeze(1)  # [N, V]
+    drop = ranks >= to_device(top_k, torch.long, device).unsqueeze(1)  # [N, V]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
 
     sorted_probs = sorted_logits.softmax(dim=-1)  # [N, V]
     # Mass strictly before each token: a token is kept while that mass is still below top_p, which
     # keeps the smallest prefix reaching top_p and always the first token (0 < top_p).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [N, V]
-    top_p_t = _to_device(top_p, torch.float32, device).unsqueeze(1)  # [N, 1]
+    top_p_t = to_device(top_p, torch.float32, device).unsqueeze(1)  # [N, 1]
     # Rows with top_p == 1 skip the test: float rounding can push the cumsum past 1 and would
     # otherwise drop some of the tail.
     drop = drop | ((mass_before >= top_p_t) & (top_p_t < 1.0))
@@ -202,7 +202,7 @@ def _pending_output(
         return PendingSamples(token_ids, token_ids, ids_only)
 
     device = logits.device
-    rows = _to_device(wanted_rows, torch.long, device)
+    rows = to_device(wanted_rows, torch.long, device)
     logprobs = logits.index_select(0, rows).log_softmax(dim=-1)  # [M, V]
     sampled = logprobs.gather(1, token_ids.index_select(0, rows).unsqueeze(1))  # [M, 1]
     num_top = max(params[row].logprobs or 0 for row in wanted_rows)
@@ -243,9 +243,7 @@ def _unpack(
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
 
-def _to_device(
-    values: Sequence[int | float | bool], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def to_device(values: Sequence[int | float | bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device`. On CUDA it goes through pinned memory with non_blocking, so
     the copy is queued on the stream instead of making the host wait for the GPU."""
     tensor = torch.tensor(values, dtype=dtype)

@@ -16,7 +16,8 @@ No progress threads: UCX's spins a core for as long as the agent lives. Each sid
 agent only while it waits (the decode side for a header's notification, the prefill side for its
 write to finish), which is why the header leaves before the write is done: both sides are then
 waiting, and progressing, at the same time. An agent is not thread-safe here, so each side calls
-it under one lock.
+it under one lock. Registered memory stays registered until the agent goes: closing a side does not
+deregister it, since a write or a wait may still be running on another thread.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,17 @@ def _agent(role: str) -> Any:
         raise ValueError("transport nixl needs the nixl package (pip install nixl)") from e
     config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
     return nixl_agent(f"pdserve-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}", config)
+
+
+def _poll(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Call `ready` (which progresses an agent) with a growing pause until it says so."""
+    deadline = time.monotonic() + timeout_s
+    pause = 20e-6
+    while not ready():
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"{what} after {timeout_s:.0f} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
 
 
 def _mem_type(t: torch.Tensor) -> str:
@@ -147,19 +160,16 @@ class NixlKVReceiver(SocketKVReceiver):
         return bytearray()
 
     def _await(self, key: bytes) -> None:
-        deadline = time.monotonic() + NOTIFICATION_TIMEOUT_S
-        pause = 20e-6
-        while True:
+        def arrived() -> bool:
             with self._notify:
                 for messages in self._agent.get_new_notifs().values():
                     self._arrived.update(messages)
-                if key in self._arrived:
-                    self._arrived.discard(key)
-                    return
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"no NIXL notification for {key.decode()!r} after its header")
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+                if key not in self._arrived:
+                    return False
+                self._arrived.discard(key)
+                return True
+
+        _poll(arrived, NOTIFICATION_TIMEOUT_S, f"no NIXL notification for {key.decode()!r} after its header")
 
     def _store(self, exp: Expectation, chunk: KVLayerChunk, payload: bytearray) -> None:
         if chunk.start < exp.skip_tokens:
@@ -169,15 +179,10 @@ class NixlKVReceiver(SocketKVReceiver):
         if chunk.checksum != NOT_CHECKED:
             slots = slots_for(exp.dst_block_ids, self.layout.block_size, chunk.start, chunk.end)
             landed = read_kv(self.kv_caches, chunk.layer_start, chunk.layer_end, slots)
-            if checksum(landed.numpy().tobytes()) != chunk.checksum:
+            if checksum(landed.numpy().data) != chunk.checksum:
                 raise KVTransferError(
                     f"[{chunk.request_id}] KV checksum mismatch on layers {chunk.layer_start}+"
                 )
-
-    def close(self) -> None:
-        # The caches stay registered until the agent goes: a connection thread may still be
-        # waiting on a notification.
-        super().close()
 
 
 @dataclass
@@ -233,6 +238,7 @@ class NixlKVSender(SocketKVSender):
             item.layer_start, num_layers, num_tokens, row_bytes, dst.numpy(),
         )  # fmt: skip
         mem = _mem_type(kv)
+        nbytes = kv.numel() * kv.element_size()
         chunk = KVLayerChunk(
             request_id=job.request_id,
             layer_start=item.layer_start,
@@ -240,8 +246,8 @@ class NixlKVSender(SocketKVSender):
             start=item.start,
             end=item.start + num_tokens,
             wire_dtype="native",
-            nbytes=kv.numel() * kv.element_size(),
-            checksum=NOT_CHECKED if kv.is_cuda else checksum(kv.contiguous().numpy().tobytes()),
+            nbytes=nbytes,
+            checksum=NOT_CHECKED if kv.is_cuda else checksum(staging.buffer[:nbytes].numpy().data),
         )
         with self._agent_lock:
             agent = self._agent
@@ -284,19 +290,15 @@ class NixlKVSender(SocketKVSender):
 
     def _wait(self, handle: Any, state: str, request_id: str) -> None:
         """Progress our agent until the write is done (the decode side progresses its own)."""
-        deadline = time.monotonic() + WRITE_TIMEOUT_S
-        pause = 20e-6
-        while state != "DONE":
+
+        def done() -> bool:
+            nonlocal state
             if state == "ERR":
                 raise ConnectionError(f"[{request_id}] NIXL write failed")
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"[{request_id}] NIXL write did not finish in {WRITE_TIMEOUT_S:.0f} s")
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+            if state == "DONE":
+                return True
             with self._agent_lock:
                 state = self._agent.check_xfer_state(handle)
+            return False
 
-    def close(self) -> None:
-        # The send threads stop after their current chunk; the staging buffers stay registered
-        # until the agent goes (deregistering now could pull one from under a write).
-        super().close()
+        _poll(done, WRITE_TIMEOUT_S, f"[{request_id}] NIXL write did not finish")
