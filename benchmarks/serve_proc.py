@@ -98,15 +98,9 @@ def decisions(metrics_text: str) -> dict[str, float]:
     return counter(metrics_text, "pdserve_disagg_decisions_total", "path")
 
 
-def engine_counters(metrics_text: str) -> dict[str, dict[str, float]]:
-    """Each worker's engine-thread counters (the keys of engine.step_stats.StepStats) back from
-    the router's Prometheus text."""
-    return parse_engine_counters(metrics_text)
-
-
 def engine_reports(before: str, after: str, wall_s: float) -> dict[str, dict[str, float]]:
     """Per worker, what its engine thread did between two metric scrapes (step_stats.per_step_report)."""
-    b, a = engine_counters(before), engine_counters(after)
+    b, a = parse_engine_counters(before), parse_engine_counters(after)
     return {
         w: {k: round(v, 3) for k, v in per_step_report(b.get(w, {}), c, wall_s).items()} for w, c in a.items()
     }
