@@ -102,6 +102,11 @@ class AsyncLLM:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
+    def close_stream(self, request_id: str) -> None:
+        """Forget a stream that will never be read (its request was refused at admission)."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Leaving early (client gone, cancelled)
         aborts it, so its KV blocks free at once."""

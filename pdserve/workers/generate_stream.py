@@ -44,6 +44,7 @@ async def stream_frames(
     try:
         job = await llm.call(admit)
     except ValueError as e:
+        llm.close_stream(rid)
         yield error_frame(rid, str(e))
         return
     if job is not None:

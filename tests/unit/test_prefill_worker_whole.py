@@ -14,18 +14,18 @@ from pdserve.workers.prefill import PrefillWorker
 PROMPT = [5, 17, 33, 9, 100, 41, 7]
 
 
-def _engine_config() -> EngineConfig:
+def _engine_config(num_blocks: int = 64) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model="dummy:tiny-llama", device="cpu"),
-        cache=CacheConfig(num_blocks=64),
+        cache=CacheConfig(num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=8),
     )
 
 
-def _prefill_worker() -> PrefillWorker:
+def _prefill_worker(num_blocks: int = 64) -> PrefillWorker:
     # Nothing listens at the router URL: the job puller retries in the background, which is fine here.
     cfg = WorkerConfig(role="prefill", router_url="http://127.0.0.1:9", kv_transport="local")
-    return PrefillWorker(cfg, _engine_config(), b"secret", "http://p", "token")
+    return PrefillWorker(cfg, _engine_config(num_blocks), b"secret", "http://p", "token")
 
 
 async def _frames(stream: object, limit: int | None = None) -> list[TokenChunk]:
@@ -85,3 +85,18 @@ async def test_router_abort_ends_a_whole_request_and_frees_its_blocks() -> None:
     assert chunks[-1].finished and chunks[-1].finish_reason == "abort"
     assert sum(len(c.new_token_ids) for c in chunks) < 500
     assert stats.num_free_blocks == total and stats.num_running == 0 and stats.num_waiting == 0
+
+
+async def test_a_request_refused_at_admission_leaves_no_stream_behind() -> None:
+    # Fits the model's context but not a 16-block cache: refused on the engine thread.
+    worker = _prefill_worker(num_blocks=16)
+    worker.start()
+    try:
+        room = worker.llm.max_model_len - len(PROMPT)
+        assert room > 16 * worker.llm.engine.block_manager.block_size
+        params = params_to_dict(SamplingParams(max_tokens=room, temperature=0.0))
+        chunks = await _frames(worker.generate(GenerateRequest("big", PROMPT, params, allow_remote=False)))
+        assert chunks[-1].finish_reason == "error" and "KV blocks" in (chunks[-1].error or "")
+        assert "big" not in worker.llm._streams
+    finally:
+        await worker.shutdown()
