@@ -12,7 +12,7 @@ import argparse
 import json
 
 from pdserve.kv_transfer.nixl import available
-from pdserve.planner.profile import _time_transport
+from pdserve.planner.profile import time_transport
 from pdserve.protocol import KVLayout
 
 # SmolLM2-135M's KV in fp32: 30 layers x 2 x 3 heads x 64 dims x 4 bytes = 46,080 bytes per token.
@@ -31,7 +31,7 @@ def main() -> None:
     gbps: dict[str, list[float]] = {t: [] for t in transports}
     for _ in range(args.rounds):
         for t in transports:
-            gbps[t].append(round(_time_transport(t, LAYOUT, args.tokens, args.repeats), 3))
+            gbps[t].append(round(time_transport(t, LAYOUT, args.tokens, args.repeats), 3))
     mbytes = args.tokens * LAYOUT.bytes_per_token / 1e6
     print(json.dumps({"tokens": args.tokens, "MB": round(mbytes, 1), "GB/s": gbps}))
 

@@ -238,7 +238,7 @@ def _on_engine_thread(fn: Callable[[], Any]) -> Any:
     return result["value"]
 
 
-def _time_transport(transport: str, layout: Any, tokens: int, repeats: int) -> float:
+def time_transport(transport: str, layout: Any, tokens: int, repeats: int) -> float:
     """GB/s of one request's KV (`tokens` tokens, all layers) from first send to completion."""
     from pdserve.kv_transfer import make_receiver, make_sender
     from pdserve.kv_transfer.codec import torch_dtype
@@ -342,7 +342,7 @@ def profile(spec: ProfileSpec) -> tuple[PerfModel, dict[str, Any]]:
     from pdserve.workers.common import kv_layout
 
     layout = kv_layout(engine)
-    links = {tr: _time_transport(tr, layout, spec.transfer_tokens, spec.repeats) for tr in spec.transports}
+    links = {tr: time_transport(tr, layout, spec.transfer_tokens, spec.repeats) for tr in spec.transports}
     raw: dict[str, Any] = {
         "prefill": [[s.tokens, s.cached, s.seconds] for s in prefill],
         "decode": [[s.batch, s.ctx_tokens, s.max_ctx, s.seconds] for s in decode],
