@@ -46,3 +46,14 @@ def gpu_wait() -> str:
     if value not in ("spin", "block"):
         raise ValueError(f"PDSERVE_GPU_WAIT must be spin|block, got {value!r}")
     return value
+
+
+def kv_fingerprint_stride() -> int:
+    """PDSERVE_KV_FINGERPRINT_STRIDE: a cuda_ipc prefill worker fingerprints one token position in
+    this many of what it wrote (every layer), and the decode worker checks the same positions before
+    decoding. Default 16: one token per block of 16; 1 checks every byte (twice the copy's HBM
+    traffic, spread over both GPUs)."""
+    value = int(os.environ.get("PDSERVE_KV_FINGERPRINT_STRIDE", "16") or 16)
+    if value < 1:
+        raise ValueError(f"PDSERVE_KV_FINGERPRINT_STRIDE must be >= 1, got {value}")
+    return value

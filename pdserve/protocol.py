@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 class ProtocolError(ValueError):
@@ -279,9 +279,11 @@ class PrefillDone:
     first_logprob: list[Any] | None  # [token_id, logprob, [[id, lp], ...]]
     num_tokens: int  # positions [skip, num_tokens) were sent
     kv_bytes: int
-    # Transports that write in place (cuda_ipc): a fingerprint of all the KV written, which the
-    # decode side recomputes from its cache before it decodes.
+    # Transports that write in place (cuda_ipc): a fingerprint of the KV written at one position in
+    # kv_checksum_stride (kv_transfer/spot_check.py), which the decode side recomputes from its
+    # cache before it decodes.
     kv_checksum: int | None = None
+    kv_checksum_stride: int = 1
 
 
 @dataclass

@@ -48,6 +48,9 @@ class KVStreamer:
                 items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
         if not items:
             return None
+        if self.sender.copies_from_cache:
+            for job, start, slots in items:
+                self.sender.prepare_from_cache(job, slots, start, self.kv_caches[0].device)
 
         def hook(layer: int) -> None:
             if (layer + 1) % self.layers_per_chunk and layer != self.num_layers - 1:

@@ -64,6 +64,14 @@ class KVSender(ABC):
         sit in `slots` of kv_caches (the sender's own paged cache) for layers [layer_start, layer_end)."""
         raise NotImplementedError(f"{type(self).__name__} takes gathered KV (send_kv)")
 
+    def prepare_from_cache(
+        self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
+    ) -> None:
+        """For copies_from_cache transports, before the forward that computes positions
+        [start, start+len(slots)): stage what the copies of this step will need (slot tables on the
+        device), so the per-layer pushes only launch copies. Nothing to stage by default."""
+        return None
+
     @abstractmethod
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None: ...
 
@@ -104,10 +112,18 @@ class Expectation:
 
 def slots_for(block_ids: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
     """Flat cache slots of token positions [start, end) in a request's block table."""
-    pos = torch.arange(start, end)
-    table = torch.tensor(block_ids, dtype=torch.int64)
-    # index_select, not table[...]: CPU advanced indexing took ~3 ms for 4096 positions.
-    return table.index_select(0, pos // block_size) * block_size + pos % block_size
+    if end <= start:
+        return torch.empty(0, dtype=torch.int64)
+    # Every slot of the blocks the range touches, then the range: no per-position division or
+    # gather (this runs on the engine thread once per step and request: ~25 us for 4096 positions).
+    first = start // block_size
+    table = torch.tensor(block_ids[first : (end - 1) // block_size + 1], dtype=torch.int64)
+    slots = (table[:, None] * block_size + torch.arange(block_size)).reshape(-1)
+    offset = start - first * block_size
+    out = slots[offset : offset + end - start]
+    if out.numel() != end - start:
+        raise IndexError(f"positions [{start}, {end}) run past a table of {len(block_ids)} blocks")
+    return out
 
 
 def write_kv(kv_caches: list[torch.Tensor], layer_start: int, slots: torch.Tensor, kv: torch.Tensor) -> None:

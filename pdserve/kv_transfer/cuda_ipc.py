@@ -5,8 +5,9 @@ blocks, GPU to GPU, one layer group at a time from inside the forward pass.
 The handles travel as raw fields of the KVHelloAck (msgpack bytes and ints, never pickle), sent
 only after the HMAC handshake. The socket still carries one small header per layer group, the
 completion and aborts. A header leaves only once its copy has finished on the device, so when the
-decode side reads the KV it is complete. The completion carries a fingerprint of everything written
-(computed from the sender's cache), which the decode side recomputes from its own before decoding.
+decode side reads the KV it is complete. The completion carries a fingerprint of what was written at
+one token position in `PDSERVE_KV_FINGERPRINT_STRIDE` (every layer; computed from the sender's
+cache), which the decode side recomputes from its own before decoding (kv_transfer/spot_check.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 import torch
 
+from pdserve import envs
 from pdserve.kv_transfer.base import Expectation, KVTransferError, OnDone, OnFailed, slots_for
 from pdserve.kv_transfer.codec import torch_dtype
 from pdserve.kv_transfer.gpu_copy import copy_slots, fingerprint_slots, pointer_table
+from pdserve.kv_transfer.spot_check import sample_offset, sampled
 from pdserve.kv_transfer.tcp import SocketKVReceiver, SocketKVSender, _Item, _Peer
 from pdserve.protocol import KVLayerChunk, KVLayout, PrefillDone, PrefillJob
 
@@ -72,8 +75,8 @@ def import_handles(handles: list[list[Any]], layout: KVLayout, device: torch.dev
 
 class CudaIpcKVReceiver(SocketKVReceiver):
     transport = "cuda_ipc"
-    # Recompute the request's fingerprint from our cache once its KV is complete (one read of it,
-    # one launch, on a side stream).
+    # Recompute the request's fingerprint from our cache once its KV is complete (one read of the
+    # sampled positions, one launch, on a side stream).
     verify = True
 
     def __init__(
@@ -110,18 +113,26 @@ class CudaIpcKVReceiver(SocketKVReceiver):
         with self._lock:
             exp = self._expected.get(rid)
         if self.verify and exp is not None and exp.missing(done.num_tokens) is None:
-            slots = slots_for(exp.dst_block_ids, self.layout.block_size, exp.skip_tokens, done.num_tokens)
-            with torch.cuda.stream(self._stream):
-                device_slots = slots.to(self.kv_caches[0].device)
-                found = fingerprint_slots(
-                    self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots
-                )
-                matches = done.kv_checksum is not None and int(found) == done.kv_checksum
-            if not matches:
+            error = self._check_fingerprint(exp, done)
+            if error is not None:
                 if self._pop(rid) is not None:
-                    self.on_failed(rid, "KV fingerprint mismatch: what landed is not what was sent")
+                    self.on_failed(rid, error)
                 return
         super()._on_prefill_done(done)
+
+    def _check_fingerprint(self, exp: Expectation, done: PrefillDone) -> str | None:
+        """None if our cache holds what the sender fingerprinted, at the positions it sampled."""
+        stride = done.kv_checksum_stride
+        if done.kv_checksum is None or stride < 1:
+            return f"completion without a usable fingerprint (stride {stride})"
+        slots = slots_for(exp.dst_block_ids, self.layout.block_size, exp.skip_tokens, done.num_tokens)
+        slots = slots[sampled(exp.skip_tokens, len(slots), stride, sample_offset(exp.request_id, stride))]
+        with torch.cuda.stream(self._stream):
+            device_slots = slots.contiguous().pin_memory().to(self.kv_caches[0].device, non_blocking=True)
+            found = fingerprint_slots(self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots)
+            if int(found) != done.kv_checksum:
+                return "KV fingerprint mismatch: what landed is not what was sent"
+        return None
 
 
 class _IpcPeer(_Peer):
@@ -164,6 +175,7 @@ class CudaIpcKVSender(SocketKVSender):
         # The send thread reads fingerprints through a stream of its own: a copy on the engine's
         # stream would wait for everything queued there (the rest of the forward).
         self._side: torch.cuda.Stream | None = None
+        self.fingerprint_stride = envs.kv_fingerprint_stride()
 
     def _peer(self, job: PrefillJob) -> _Peer:
         key = (job.kv_host, job.kv_port)
@@ -222,6 +234,13 @@ class CudaIpcKVSender(SocketKVSender):
         copied.record()
         peer.queue.put(_Item("kv", job, (copied, layer_end, start + len(slots)), layer_start, start))
 
+    def prepare_from_cache(
+        self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
+    ) -> None:
+        """Engine thread, before the step's forward: upload its slot tables (off the copies' path)."""
+        if job.request_id not in self.aborted:
+            self._device_slots(job, start, slots, device)
+
     def _device_slots(
         self, job: PrefillJob, start: int, slots: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +250,6 @@ class CudaIpcKVSender(SocketKVSender):
         if key not in self._slots:
             n = len(slots)
             staging = self._take_staging(2 * n, device)
-            staging.uploaded.synchronize()  # its last upload has left `host` (long ago, in practice)
             staging.host[:n].copy_(slots)
             staging.host[n : 2 * n].copy_(
                 slots_for(job.dst_block_ids, self.layout.block_size, start, start + n)
@@ -244,8 +262,11 @@ class CudaIpcKVSender(SocketKVSender):
         return staging.device[:n], staging.device[n : 2 * n]
 
     def _take_staging(self, size: int, device: torch.device) -> _Staging:
+        """A free staging pair whose last upload has left its host buffer; a new one if none has
+        (never wait: with requests pushed back to back that upload sits behind the earlier copies
+        on the stream, and waiting for it would hold the host to one request ahead of the GPU)."""
         for i, staging in enumerate(self._free_staging):
-            if staging.host.numel() >= size:
+            if staging.host.numel() >= size and staging.uploaded.query():
                 return self._free_staging.pop(i)
         capacity = max(size, 2 * 8192)
         return _Staging(
@@ -255,15 +276,19 @@ class CudaIpcKVSender(SocketKVSender):
         )
 
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
-        """Engine thread: fingerprint everything sent for the request, from our cache, on the stream
-        (before our blocks can be reused); the send thread puts it into the completion."""
+        """Engine thread: fingerprint the sampled positions of everything sent for the request, from
+        our cache, on the stream (before our blocks can be reused); the send thread puts it into the
+        completion."""
         rid = job.request_id
-        ranges = [staging.device[:n] for (r, _), (staging, n) in self._slots.items() if r == rid]
+        stride = self.fingerprint_stride
+        offset = sample_offset(rid, stride)
+        ranges = [(staging.device[:n], start) for (r, start), (staging, n) in self._slots.items() if r == rid]
         if ranges and self._src is not None:
             caches, table = self._src
             total = torch.zeros(1, dtype=torch.int64, device=caches[0].device)
-            for src in ranges:
-                fingerprint_slots(table, caches[0], 0, len(caches), src, out=total)
+            for src, start in ranges:
+                part = src[sampled(start, len(src), stride, offset)]
+                fingerprint_slots(table, caches[0], 0, len(caches), part.contiguous(), out=total)
             ready = torch.cuda.Event()
             ready.record()
             self._fingerprints[rid] = (ready, total)
@@ -291,6 +316,7 @@ class CudaIpcKVSender(SocketKVSender):
                     self._side = torch.cuda.Stream(total.device)
                 with torch.cuda.stream(self._side):  # read it without waiting for the engine's stream
                     item.payload.kv_checksum = int(total.item())
+                item.payload.kv_checksum_stride = self.fingerprint_stride
         super().push(peer, item)
 
     def encode_chunk(self, peer: _Peer, item: _Item) -> tuple[KVLayerChunk, bytes]:

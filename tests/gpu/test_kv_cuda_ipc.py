@@ -1,6 +1,7 @@
 """cuda_ipc transport between two processes: the decode side (a child process) shares its cache, the
 prefill side writes a request's KV into the reserved blocks with its own kernels, through the
-KVStreamer hook as the prefill worker does; the decode side checks every chunk's fingerprint."""
+KVStreamer hook as the prefill worker does; the decode side checks the completion's fingerprint, and
+KV written into blocks it did not reserve fails that check."""
 
 from __future__ import annotations
 
@@ -71,10 +72,12 @@ def prefill_request(rid: str, num_tokens: int, blocks: list[int], job: PrefillJo
     return req
 
 
+@pytest.mark.parametrize("stride", [1, 16])
 @pytest.mark.parametrize("skip", [0, 16])
-def test_cuda_ipc_push_through_the_streamer(skip: int) -> None:
+def test_cuda_ipc_push_through_the_streamer(skip: int, stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("PDSERVE_KV_FINGERPRINT_STRIDE", str(stride))
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=receiver_main, args=(child,), daemon=True)
@@ -107,6 +110,47 @@ def test_cuda_ipc_push_through_the_streamer(skip: int) -> None:
         assert detail == ("r1", 42, expected_bytes)
         sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
         assert torch.equal(landed, sent)
+        sender.close()
+    finally:
+        parent.send(None)
+        proc.join(30)
+
+
+@pytest.mark.parametrize("stride", [1, 16])
+def test_kv_in_blocks_not_reserved_fails_the_fingerprint(
+    stride: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefill side writes into the wrong blocks (a job naming blocks the decode side did not
+    reserve for it): every header arrives, but the completion's check fails the request."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("PDSERVE_KV_FINGERPRINT_STRIDE", str(stride))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=receiver_main, args=(child,), daemon=True)
+    proc.start()
+    try:
+        host, port = parent.recv()
+        src = [torch.randn(2, 40, 16, 2, 64, device="cuda").bfloat16() for _ in range(LAYOUT.num_layers)]
+        src_blocks = torch.randperm(40)[:7].tolist()
+        reserved = list(range(0, 7))
+        written = list(range(8, 15))  # not what the decode side expects
+        num_tokens = 100
+        parent.send(("r2", reserved, 0, num_tokens))
+        assert parent.recv() == "expecting"
+        job = PrefillJob("r2", [], {}, "d0", host, port, written, 0, time.time() + 30, LAYOUT)
+        sender = make_sender("cuda_ipc", LAYOUT, "p0", SECRET)
+        streamer = KVStreamer(sender, src, LAYOUT.block_size, layers_per_chunk=LAYOUT.num_layers)
+        req = prefill_request("r2", num_tokens, src_blocks, job)
+        hook = streamer.layer_hook_for([ScheduledRequest(req, num_tokens)])
+        assert hook is not None
+        for layer in range(LAYOUT.num_layers):
+            hook(layer)
+        req.num_computed_tokens = num_tokens
+        streamer.send_first_token(req, 42, None)
+        kind, detail, _ = parent.recv()
+        assert kind == "failed"
+        assert detail[0] == "r2" and "fingerprint mismatch" in detail[1]
         sender.close()
     finally:
         parent.send(None)
