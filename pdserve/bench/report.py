@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,16 +37,26 @@ def stats(values: Sequence[float]) -> dict[str, float]:
 class SLO:
     ttft_s: float
     tpot_s: float
+    # Optional: the longest wait between two streamed chunks after the first (a stall the reader
+    # sees, which a mean TPOT hides), in the spirit of time-between-tokens targets.
+    max_gap_s: float | None = None
 
     def met(self, r: RequestResult) -> bool:
-        """DistServe's criterion: both the TTFT and the TPOT target, per request."""
+        """DistServe's criterion: both the TTFT and the TPOT target, per request (and the longest
+        stall, when given)."""
         tpot = r.tpot_s
         return (
             r.ok
             and r.ttft_s is not None
             and r.ttft_s <= self.ttft_s
             and (tpot is None or tpot <= self.tpot_s)
+            and (self.max_gap_s is None or longest_gap(r) <= self.max_gap_s)
         )
+
+
+def longest_gap(r: RequestResult) -> float:
+    """Seconds of the longest wait between two consecutive streamed chunks (0 with fewer than two)."""
+    return max((b - a for a, b in itertools.pairwise(r.chunk_times)), default=0.0)
 
 
 def summarize(results: list[RequestResult], slo: SLO | None = None) -> dict[str, Any]:
