@@ -210,12 +210,18 @@ async def _serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> None:
     import uvicorn
 
     from pdserve.engine.async_llm import AsyncLLM
+    from pdserve.process_pauses import PauseMonitor, freeze_startup_heap
     from pdserve.router.app import build_app
+    from pdserve.router.metrics import PauseCollector
 
     engine = AsyncLLM(engine_cfg)
+    pauses = PauseMonitor("server")
+    watch = asyncio.create_task(pauses.watch_loop())
     try:
         engine.start()
         app = build_app(engine, server_cfg)
+        app.state.ctx.metrics.registry.register(PauseCollector(pauses))
+        freeze_startup_heap()
         config = uvicorn.Config(
             app,
             host=server_cfg.host,
@@ -233,6 +239,8 @@ async def _serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> None:
         await _log_when_ready(server, serving, engine.model_name)
         await serving
     finally:
+        watch.cancel()
+        pauses.close()
         logger.info("shutting down the engine")
         await engine.shutdown()
 

@@ -57,3 +57,16 @@ def kv_fingerprint_stride() -> int:
     if value < 1:
         raise ValueError(f"PDSERVE_KV_FINGERPRINT_STRIDE must be >= 1, got {value}")
     return value
+
+
+def gc_freeze() -> bool:
+    """PDSERVE_GC_FREEZE: after start-up, router and workers freeze the objects alive then out of
+    the garbage collector's reach, so a full collection walks only what requests allocated since
+    (default 1; 0 leaves the collector as Python sets it)."""
+    return os.environ.get("PDSERVE_GC_FREEZE", "1") not in ("0", "false", "no", "")
+
+
+def gc_report() -> bool:
+    """PDSERVE_GC_REPORT: after a full garbage collection long enough to stall streams, log which
+    object types the collector walks (a diagnostic; at most one census per 10 s; default 0)."""
+    return os.environ.get("PDSERVE_GC_REPORT", "0") not in ("0", "false", "no", "")

@@ -17,6 +17,7 @@ from pdserve.cli_args import dataclass_to_argv
 from pdserve.config import PER_WORKER_FIELDS, EngineConfig, ServerConfig, WorkerConfig
 from pdserve.launch.local import LocalDeployment, free_port
 from pdserve.launch.placement import parse_gpus, resolve_transport
+from pdserve.process_pauses import PauseMonitor, freeze_startup_heap
 from pdserve.router.whole_policy import WholePolicy
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ async def _serve_router(
     from pdserve.cli import _ignore_signal, _log_when_ready
     from pdserve.engine.loader import load_tokenizer
     from pdserve.router.disagg_client import DisaggClient
+    from pdserve.router.metrics import PauseCollector
     from pdserve.router.server import build_router_app
 
     token = envs.internal_token(secret)
@@ -125,8 +127,12 @@ async def _serve_router(
     await client.start()
     if engine_cfg.model.served_model_name:
         client.model_name = engine_cfg.model.served_model_name
+    pauses = PauseMonitor("router")
+    watch = asyncio.create_task(pauses.watch_loop())
     try:
         app = build_router_app(client, server_cfg, token)
+        app.state.ctx.metrics.registry.register(PauseCollector(pauses))
+        freeze_startup_heap()
         config = uvicorn.Config(
             app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
             lifespan="off", timeout_graceful_shutdown=5, access_log=False,
@@ -138,4 +144,6 @@ async def _serve_router(
         await _log_when_ready(server, serving, client.model_name)
         await serving
     finally:
+        watch.cancel()
+        pauses.close()
         await client.shutdown()

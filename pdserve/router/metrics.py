@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from pdserve.engine.client import EngineStats
 from pdserve.engine.step_stats import PHASES
+from pdserve.process_pauses import PauseMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +159,41 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PauseCollector(Collector):
+    """A process's garbage collections and event-loop lag (process_pauses.PauseMonitor), per scrape."""
+
+    def __init__(self, monitor: PauseMonitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterable[Metric]:
+        s, process = self._monitor.stats, self._monitor.process
+        count = CounterMetricFamily(
+            "pdserve_process_gc_collections", "garbage collections", labels=["process", "generation"]
+        )
+        spent = CounterMetricFamily(
+            "pdserve_process_gc_pause_seconds",
+            "time stopped in garbage collections",
+            labels=["process", "generation"],
+        )
+        longest = GaugeMetricFamily(
+            "pdserve_process_gc_pause_max_seconds",
+            "longest garbage collection",
+            labels=["process", "generation"],
+        )
+        for gen in range(3):
+            count.add_metric([process, str(gen)], s.collections[gen])
+            spent.add_metric([process, str(gen)], s.seconds[gen])
+            longest.add_metric([process, str(gen)], s.max_seconds[gen])
+        yield from (count, spent, longest)
+        lag = GaugeMetricFamily(
+            "pdserve_process_event_loop_lag_max_seconds", "longest event-loop lag seen", labels=["process"]
+        )
+        lag.add_metric([process], s.loop_lag_max_s)
+        yield lag
+        stalls = CounterMetricFamily(
+            "pdserve_process_event_loop_stalls", "event-loop lags of 50 ms or more", labels=["process"]
+        )
+        stalls.add_metric([process], s.loop_lags_visible)
+        yield stalls

@@ -12,6 +12,7 @@ Routes (msgpack bodies, loopback by default, token-checked except /health):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -24,6 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from pdserve import envs
 from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.process_pauses import PauseMonitor, freeze_startup_heap
 from pdserve.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -57,8 +59,13 @@ def build_worker_app(make_role: object, token: str) -> FastAPI:
         role: WorkerRole = make_role()  # type: ignore[operator]
         role.start()
         holder["role"] = role
+        pauses = PauseMonitor(f"worker {role.info().worker_id}")
+        watch = asyncio.create_task(pauses.watch_loop())
+        freeze_startup_heap()
         logger.info("worker %s (%s) ready", role.info().worker_id, role.info().role)
         yield
+        watch.cancel()
+        pauses.close()
         await role.shutdown()
 
     app = FastAPI(lifespan=lifespan)

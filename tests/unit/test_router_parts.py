@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import time
 
 from pdserve.engine.block_manager import hash_prefix_blocks
@@ -61,6 +63,45 @@ def test_prefix_index_counts_leading_blocks() -> None:
     idx.remove_worker("d0")
     idx.remove_worker("d1")
     assert len(idx) == 0
+
+
+def test_prefix_index_matches_sets_and_stays_out_of_the_collector() -> None:
+    """Random stored/removed events from three workers (one leaving and coming back): the bit-mask
+    index answers as a block -> set-of-workers map would, and the garbage collector never tracks
+    its table (a set per block made every full collection walk all of them)."""
+    rng = random.Random(7)
+    block = 4
+    prompts = [[rng.randrange(50) for _ in range(rng.randrange(4, 40))] for _ in range(30)]
+    idx, ref = PrefixIndex(block), {}  # ref: block hash -> set of workers
+    for step in range(400):
+        worker = rng.choice(["d0", "d1", "d2"])
+        if step == 200:
+            idx.remove_worker("d1")
+            ref = {h: ws - {"d1"} for h, ws in ref.items() if ws - {"d1"}}
+            continue
+        hashes = hash_prefix_blocks(rng.choice(prompts), block)
+        kind = rng.choice(["stored", "stored", "removed"])
+        idx.apply(worker, [(kind, h) for h in hashes])
+        for h in hashes:
+            if kind == "stored":
+                ref.setdefault(h, set()).add(worker)
+            elif h in ref:
+                ref[h].discard(worker)
+                if not ref[h]:
+                    del ref[h]
+        prompt = rng.choice(prompts)
+        want = {}
+        for w in ("d0", "d1", "d2"):
+            n = 0
+            for i, h in enumerate(hash_prefix_blocks(prompt[: len(prompt) - 1], block)):
+                if w not in ref.get(h, set()):
+                    break
+                n = (i + 1) * block
+            want[w] = n
+        assert idx.overlap(prompt, ["d0", "d1", "d2"]) == want
+        assert len(idx) == len(ref)
+    gc.collect()
+    assert not gc.is_tracked(idx._holders)
 
 
 def test_kv_aware_prefers_overlap_unless_overloaded() -> None:
