@@ -48,7 +48,7 @@ MODEL = "dummy:tiny-llama"
 
 # Put on a served deployment's PYTHONPATH. In the worker, it accounts the engine thread's CPU time,
 # the model forward's part of it (CausalLM.forward and compute_logits) and the frames sent on
-# generate streams, in a small file after every step (runner.execute), so the benchmark can split
+# generate streams, in a small file after every step (runner.launch), so the benchmark can split
 # the worker's CPU time into forward, the rest of the engine thread, and the HTTP side. With
 # HOST_OVERHEAD_PROFILE_DIR set, it also runs one cProfile per thread and dumps them merged when
 # the process exits; uvicorn shuts down on SIGTERM and then re-raises the signal, which skips
@@ -71,22 +71,22 @@ _SITECUSTOMIZE = textwrap.dedent(
             return timed
         CausalLM.forward = _timed(CausalLM.forward)
         CausalLM.compute_logits = _timed(CausalLM.compute_logits)
-        import pdserve.workers.decode as _decode
+        import pdserve.workers.generate_stream as _stream
         _frames = [0]
-        _frame = _decode.frame
+        _frame = _stream.frame
         def _counted_frame(msg):
             _frames[0] += 1
             return _frame(msg)
-        _decode.frame = _counted_frame
-        _execute = ModelRunner.execute
+        _stream.frame = _counted_frame
+        _launch = ModelRunner.launch
         _fd = os.open(_acct, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         def _accounted(self, *args, **kwargs):
             try:
-                return _execute(self, *args, **kwargs)
+                return _launch(self, *args, **kwargs)
             finally:
                 line = f"{_forward[0]:.6f} {time.thread_time():.6f} {_frames[0]}"
                 os.pwrite(_fd, line.ljust(80).encode(), 0)
-        ModelRunner.execute = _accounted
+        ModelRunner.launch = _accounted
     _dir = os.environ.get("HOST_OVERHEAD_PROFILE_DIR")
     if _dir:
         _profiles = []
