@@ -141,3 +141,26 @@ async def test_worker_frames_carry_every_token_once_in_order(
     assert len(chunks) < len(ids)  # coalesced
     assert chunks[0].prefill_path == "local" and all(c.prefill_path is None for c in chunks[1:])
     assert chunks[-1].finished and chunks[-1].num_output_tokens == len(ids)
+
+
+def test_merge_keeps_every_field_of_the_last_output() -> None:
+    """Merging joins tokens, text and logprobs; every other field comes from the last output (a
+    field added to RequestOutput later must not be dropped by the merge)."""
+    import dataclasses
+
+    from pdserve.outputs import RequestOutput, TokenLogprob
+
+    first = RequestOutput("r", [1], "a", False, logprobs=[TokenLogprob(1, -0.1)])
+    last = RequestOutput(
+        "r", [2, 3], "bc", True, finish_reason="stop", stop_reason=7, logprobs=[TokenLogprob(2, -0.2)],
+        num_prompt_tokens=5, num_cached_tokens=4, num_output_tokens=3, error=None, phases={"end": 1.0},
+    )  # fmt: skip
+    merged = merge_outputs(first, last)
+    joined = {"new_token_ids": [1, 2, 3], "new_text": "abc"}
+    for f in dataclasses.fields(RequestOutput):
+        if f.name in joined:
+            assert getattr(merged, f.name) == joined[f.name]
+        elif f.name == "logprobs":
+            assert [lp.token_id for lp in merged.logprobs or []] == [1, 2]
+        else:
+            assert getattr(merged, f.name) == getattr(last, f.name), f.name
