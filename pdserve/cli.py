@@ -216,7 +216,7 @@ async def _serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> None:
 
     engine = AsyncLLM(engine_cfg)
     pauses = PauseMonitor("server")
-    watch = asyncio.create_task(pauses.watch_loop())
+    pauses.watch()
     try:
         engine.start()
         app = build_app(engine, server_cfg)
@@ -239,7 +239,6 @@ async def _serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> None:
         await _log_when_ready(server, serving, engine.model_name)
         await serving
     finally:
-        watch.cancel()
         pauses.close()
         logger.info("shutting down the engine")
         await engine.shutdown()

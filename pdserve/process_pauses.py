@@ -50,8 +50,9 @@ class PauseStats:
 
 
 class PauseMonitor:
-    """Counts garbage collections (through gc.callbacks) and, once `watch_loop` runs, the lag of the
-    event loop it runs on. One per process; `close` unhooks it."""
+    """Counts garbage collections (through gc.callbacks) and, once `watch_loop` runs (`watch`
+    starts it as a task), the lag of the event loop it runs on. One per process; `close` stops
+    the task and unhooks it."""
 
     def __init__(self, process: str) -> None:
         self.process = process
@@ -60,7 +61,12 @@ class PauseMonitor:
         self._report = envs.gc_report()
         self._census_due = False
         self._last_census = 0.0
+        self._watch: asyncio.Task[None] | None = None
         gc.callbacks.append(self._on_gc)
+
+    def watch(self) -> None:
+        """Sample the running event loop's lag from a task of its own until `close`."""
+        self._watch = asyncio.get_running_loop().create_task(self.watch_loop())
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -99,6 +105,9 @@ class PauseMonitor:
                 logger.warning("%s: objects a full collection walks: %s", self.process, heap_census())
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
 

@@ -128,7 +128,7 @@ async def _serve_router(
     if engine_cfg.model.served_model_name:
         client.model_name = engine_cfg.model.served_model_name
     pauses = PauseMonitor("router")
-    watch = asyncio.create_task(pauses.watch_loop())
+    pauses.watch()
     try:
         app = build_router_app(client, server_cfg, token)
         app.state.ctx.metrics.registry.register(PauseCollector(pauses))
@@ -144,6 +144,5 @@ async def _serve_router(
         await _log_when_ready(server, serving, client.model_name)
         await serving
     finally:
-        watch.cancel()
         pauses.close()
         await client.shutdown()

@@ -12,7 +12,6 @@ Routes (msgpack bodies, loopback by default, token-checked except /health):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
@@ -60,11 +59,10 @@ def build_worker_app(make_role: object, token: str) -> FastAPI:
         role.start()
         holder["role"] = role
         pauses = PauseMonitor(f"worker {role.info().worker_id}")
-        watch = asyncio.create_task(pauses.watch_loop())
+        pauses.watch()
         freeze_startup_heap()
         logger.info("worker %s (%s) ready", role.info().worker_id, role.info().role)
         yield
-        watch.cancel()
         pauses.close()
         await role.shutdown()
 

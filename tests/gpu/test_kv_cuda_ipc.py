@@ -5,9 +5,11 @@ KV written into blocks it did not reserve fails that check."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -72,18 +74,40 @@ def prefill_request(rid: str, num_tokens: int, blocks: list[int], job: PrefillJo
     return req
 
 
-@pytest.mark.parametrize("stride", [1, 16])
-@pytest.mark.parametrize("skip", [0, 16])
-def test_cuda_ipc_push_through_the_streamer(skip: int, stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    monkeypatch.setenv("PDSERVE_KV_FINGERPRINT_STRIDE", str(stride))
+@contextlib.contextmanager
+def decode_side() -> Iterator[tuple[Any, str, int]]:
+    """The receiver in a child process: (its pipe, KV host, KV port); stopped on exit."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=receiver_main, args=(child,), daemon=True)
     proc.start()
     try:
         host, port = parent.recv()
+        yield parent, host, port
+    finally:
+        parent.send(None)
+        proc.join(30)
+
+
+def run_prefill(streamer: KVStreamer, req: Request, chunks: list[int]) -> None:
+    """Step the request's prompt through the streamer's layer hooks, chunk by chunk, as the
+    prefill worker's forward does; then send the first token (42)."""
+    for chunk in chunks:
+        hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
+        assert hook is not None
+        for layer in range(LAYOUT.num_layers):
+            hook(layer)
+        req.num_computed_tokens += chunk
+    streamer.send_first_token(req, 42, None)
+
+
+@pytest.mark.parametrize("stride", [1, 16])
+@pytest.mark.parametrize("skip", [0, 16])
+def test_cuda_ipc_push_through_the_streamer(skip: int, stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("PDSERVE_KV_FINGERPRINT_STRIDE", str(stride))
+    with decode_side() as (parent, host, port):
         torch.manual_seed(skip)
         src = [torch.randn(2, 40, 16, 2, 64, device="cuda").bfloat16() for _ in range(LAYOUT.num_layers)]
         src_blocks = torch.randperm(40)[:7].tolist()  # our (prefill side) blocks, shuffled
@@ -96,13 +120,7 @@ def test_cuda_ipc_push_through_the_streamer(skip: int, stride: int, monkeypatch:
         sender = make_sender("cuda_ipc", LAYOUT, "p0", SECRET)
         streamer = KVStreamer(sender, src, LAYOUT.block_size, layers_per_chunk=3)  # groups of 3 and 1
         req = prefill_request("r1", num_tokens, src_blocks, job)
-        for chunk in (60, num_tokens - 60):  # a chunked prefill: two steps
-            hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
-            assert hook is not None
-            for layer in range(LAYOUT.num_layers):
-                hook(layer)
-            req.num_computed_tokens += chunk
-        streamer.send_first_token(req, 42, None)
+        run_prefill(streamer, req, [60, num_tokens - 60])  # a chunked prefill: two steps
 
         kind, detail, landed = parent.recv()
         assert kind == "done", detail
@@ -111,9 +129,6 @@ def test_cuda_ipc_push_through_the_streamer(skip: int, stride: int, monkeypatch:
         sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
         assert torch.equal(landed, sent)
         sender.close()
-    finally:
-        parent.send(None)
-        proc.join(30)
 
 
 @pytest.mark.parametrize("stride", [1, 16])
@@ -125,12 +140,7 @@ def test_kv_in_blocks_not_reserved_fails_the_fingerprint(
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     monkeypatch.setenv("PDSERVE_KV_FINGERPRINT_STRIDE", str(stride))
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=receiver_main, args=(child,), daemon=True)
-    proc.start()
-    try:
-        host, port = parent.recv()
+    with decode_side() as (parent, host, port):
         src = [torch.randn(2, 40, 16, 2, 64, device="cuda").bfloat16() for _ in range(LAYOUT.num_layers)]
         src_blocks = torch.randperm(40)[:7].tolist()
         reserved = list(range(0, 7))
@@ -142,16 +152,8 @@ def test_kv_in_blocks_not_reserved_fails_the_fingerprint(
         sender = make_sender("cuda_ipc", LAYOUT, "p0", SECRET)
         streamer = KVStreamer(sender, src, LAYOUT.block_size, layers_per_chunk=LAYOUT.num_layers)
         req = prefill_request("r2", num_tokens, src_blocks, job)
-        hook = streamer.layer_hook_for([ScheduledRequest(req, num_tokens)])
-        assert hook is not None
-        for layer in range(LAYOUT.num_layers):
-            hook(layer)
-        req.num_computed_tokens = num_tokens
-        streamer.send_first_token(req, 42, None)
+        run_prefill(streamer, req, [num_tokens])
         kind, detail, _ = parent.recv()
         assert kind == "failed"
         assert detail[0] == "r2" and "fingerprint mismatch" in detail[1]
         sender.close()
-    finally:
-        parent.send(None)
-        proc.join(30)
