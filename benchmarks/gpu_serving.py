@@ -155,6 +155,7 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
             report["runs"][path] = {
                 "ttft_s": ttfts,
                 "ttft_p50_s": statistics.median(ttfts),
+                "phase_p50_ms": phase_medians(phases),
                 "phases": phases,
                 "decisions": decisions(server.metrics()),
             }
@@ -167,7 +168,20 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
     report["transfer_own_s"] = own_s
     report["exposed_s"] = gap
     report["exposed_over_own"] = gap / own_s if own_s == own_s else None
+    for path, run_ in report["runs"].items():
+        print(f"{path}: control-path marks, ms after the router got the request (p50 of {args.repeats})")
+        for name, ms in run_["phase_p50_ms"].items():
+            print(f"  {name:22s} {ms:9.2f}")
     return report
+
+
+def phase_medians(phases: list[dict[str, Any] | None]) -> dict[str, float]:
+    """Median of each timed mark across requests (ms since arrival), in the order they happen."""
+    names = {k for p in phases if p for k, v in p.items() if isinstance(v, float) and k != "kv_seconds"}
+    medians = {
+        k: 1e3 * statistics.median(p[k] for p in phases if p and isinstance(p.get(k), float)) for k in names
+    }
+    return dict(sorted(medians.items(), key=lambda kv: kv[1]))
 
 
 # ---- 1PxD vs co-located replicas ----

@@ -70,3 +70,17 @@ def gc_report() -> bool:
     """PDSERVE_GC_REPORT: after a full garbage collection long enough to stall streams, log which
     object types the collector walks (a diagnostic; at most one census per 10 s; default 0)."""
     return os.environ.get("PDSERVE_GC_REPORT", "0") not in ("0", "false", "no", "")
+
+
+def switch_interval_s() -> float | None:
+    """PDSERVE_SWITCH_INTERVAL_US: how long a worker thread may hold the interpreter while another
+    waits for it (sys.setswitchinterval). A worker's engine thread runs Python between GPU launches
+    while its event loop waits to send the tokens it just produced; the interpreter's default
+    (5,000 us) lets that wait last a whole interval. Unset: the interpreter's default."""
+    value = os.environ.get("PDSERVE_SWITCH_INTERVAL_US", "")
+    if not value:
+        return None
+    us = float(value)
+    if us <= 0:
+        raise ValueError(f"PDSERVE_SWITCH_INTERVAL_US must be > 0, got {value}")
+    return us * 1e-6

@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 
 class ProtocolError(ValueError):
@@ -121,6 +121,9 @@ class PrefillJob:
     skip_tokens: int  # already cached on the decode worker: not computed there, not sent
     deadline: float  # wall-clock (time.time()) after which the decode worker stops waiting
     layout: KVLayout | None = None
+    # Wall-clock marks (time.time()) of the request's control path so far; each side adds its own
+    # and the first TokenChunk carries them all to the router (see pdserve/trace.py).
+    trace: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,6 +146,7 @@ class TokenChunk:
     prefill_path: str | None = None  # "local" | "remote" | "fallback" | "whole"
     kv_bytes: int = 0
     kv_seconds: float = 0.0
+    trace: dict[str, float] | None = None  # first chunk: the control path's marks (pdserve/trace.py)
 
     @classmethod
     def from_output(cls, out: RequestOutput) -> TokenChunk:
@@ -284,6 +288,7 @@ class PrefillDone:
     # cache before it decodes.
     kv_checksum: int | None = None
     kv_checksum_stride: int = 1
+    trace: dict[str, float] = field(default_factory=dict)  # the job's marks and the prefill side's
 
 
 @dataclass

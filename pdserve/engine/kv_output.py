@@ -12,6 +12,7 @@ from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.kv_transfer.base import KVSender, read_kv, slots_for
 from pdserve.outputs import TokenLogprob
 from pdserve.protocol import PrefillDone, PrefillJob
+from pdserve.trace import mark
 
 
 def logprob_to_wire(lp: TokenLogprob | None) -> list[object] | None:
@@ -45,6 +46,7 @@ class KVStreamer:
             start = max(req.num_computed_tokens, job.skip_tokens)
             end = req.num_computed_tokens + s.num_new_tokens
             if end > start:
+                mark(job.trace, "prefill.launched")
                 items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
         if not items:
             return None
@@ -74,10 +76,10 @@ class KVStreamer:
         job = req.kv_job
         assert job is not None
         nbytes = self.bytes_sent.pop(req.request_id, 0)
-        self.sender.send_done(
-            job,
-            PrefillDone(req.request_id, token_id, logprob_to_wire(logprob), req.num_prompt_tokens, nbytes),
-        )
+        mark(job.trace, "prefill.sampled")
+        wire = logprob_to_wire(logprob)
+        done = PrefillDone(req.request_id, token_id, wire, req.num_prompt_tokens, nbytes, trace=job.trace)
+        self.sender.send_done(job, done)
 
     def send_failed(self, job: PrefillJob, error: str) -> None:
         self.bytes_sent.pop(job.request_id, None)

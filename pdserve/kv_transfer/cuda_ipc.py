@@ -128,7 +128,9 @@ class CudaIpcKVReceiver(SocketKVReceiver):
         slots = slots_for(exp.dst_block_ids, self.layout.block_size, exp.skip_tokens, done.num_tokens)
         slots = slots[sampled(exp.skip_tokens, len(slots), stride, sample_offset(exp.request_id, stride))]
         with torch.cuda.stream(self._stream):
-            device_slots = slots.contiguous().pin_memory().to(self.kv_caches[0].device, non_blocking=True)
+            # A plain copy: this thread waits for the result anyway, and pinning a buffer per
+            # completion (a host allocation the driver registers) cost more than the copy.
+            device_slots = slots.contiguous().to(self.kv_caches[0].device)
             found = fingerprint_slots(self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots)
             if int(found) != done.kv_checksum:
                 return "KV fingerprint mismatch: what landed is not what was sent"

@@ -42,6 +42,7 @@ from pdserve.protocol import (
     PrefillJob,
     ProtocolError,
 )
+from pdserve.trace import mark
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class SocketKVReceiver(KVReceiver):
                 if isinstance(msg, KVLayerChunk):
                     self._on_chunk(conn, msg, refused)
                 elif isinstance(msg, PrefillDone):
+                    mark(msg.trace, "decode.done_received")
                     self._on_prefill_done(msg)
                 elif isinstance(msg, PrefillFailed):
                     # Reported even when no longer expected: the owner may hold blocks until the writer stops.
@@ -312,6 +314,8 @@ class SocketKVSender(KVSender):
             chunk, payload = self.encode_chunk(peer, item)
             send_msg(peer.sock, chunk, payload)
         else:
+            if isinstance(item.payload, PrefillDone):
+                mark(item.payload.trace, "prefill.done_sent")
             send_msg(peer.sock, item.payload)
             self.aborted.discard(item.job.request_id)
 

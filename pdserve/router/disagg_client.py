@@ -283,6 +283,7 @@ class DisaggClient:
                         msg.kv_bytes,
                         msg.kv_seconds,
                     )
+                    events.trace = msg.trace or {}
                     if self.on_first_chunk is not None:
                         self.on_first_chunk(events)
                 out = msg.to_output()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pdserve.trace import Trace, on_monotonic_clock
 
 
 @dataclass
@@ -19,11 +21,14 @@ class RequestEvents:
     routed: float = 0.0
     pulled: float | None = None
     first_token: float | None = None
+    # The workers' marks along the control path (pdserve/trace.py), wall clock.
+    trace: Trace = field(default_factory=dict)
 
     def phases(self, end: float) -> dict[str, float | str]:
         out: dict[str, float | str] = {"arrival": self.arrival, "routed": self.routed, "end": end}
         optional = {"enqueued": self.enqueued, "pulled": self.pulled, "first_token": self.first_token}
         out.update({name: t for name, t in optional.items() if t is not None})
+        out.update(on_monotonic_clock(self.trace))
         if self.prefill_path is not None:
             out["prefill_path"] = self.prefill_path
             out["kv_seconds"] = self.kv_seconds

@@ -34,6 +34,7 @@ from pdserve.protocol import (
     WorkerLoad,
     params_to_dict,
 )
+from pdserve.trace import Trace, mark
 from pdserve.workers.common import PrefillSpeed, kv_layout, worker_load
 from pdserve.workers.disagg_policy import DisaggPolicy, choose_prefill_path
 from pdserve.workers.generate_stream import stream_frames
@@ -53,6 +54,7 @@ class _Remote:
     deadline: float  # monotonic
     path: str = "remote"  # becomes "fallback" if the KV never arrives
     stats: TransferStats | None = None
+    trace: Trace | None = None  # the completion's marks (pdserve/trace.py)
 
 
 class DecodeWorker:
@@ -142,6 +144,8 @@ class DecodeWorker:
         chunk.prefill_path = remote.path if remote is not None else "local"
         if remote is not None and remote.stats is not None:
             chunk.kv_bytes, chunk.kv_seconds = remote.stats.nbytes, remote.stats.seconds
+        if remote is not None and remote.trace is not None and chunk.trace is not None:
+            chunk.trace.update(remote.trace)
         if chunk.prefill_path != "remote":
             self.prefill_speed.observe(out.num_prompt_tokens - out.num_cached_tokens, seconds)
 
@@ -181,6 +185,7 @@ class DecodeWorker:
     # ---- KV arrival (receiver threads) → engine thread ----
 
     def _on_kv_done(self, done: PrefillDone, stats: TransferStats) -> None:
+        mark(done.trace, "decode.kv_checked")
         self.llm.submit(lambda eng: self._complete(eng, done, stats))
 
     def _on_kv_failed(self, request_id: str, error: str) -> None:
@@ -192,6 +197,8 @@ class DecodeWorker:
             eng.release_draining(done.request_id)
             return
         remote.stats = stats
+        mark(done.trace, "decode.completed")
+        remote.trace = done.trace
         lp = done.first_logprob
         logprob = (
             None

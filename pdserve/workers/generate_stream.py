@@ -16,10 +16,12 @@ from pdserve.engine.async_llm import AsyncLLM
 from pdserve.engine.engine import LLMEngine
 from pdserve.outputs import RequestOutput
 from pdserve.protocol import GenerateRequest, PrefillJob, TokenChunk, frame
+from pdserve.trace import Trace, mark
 
 # Engine thread: queue the request, or return a PrefillJob for the router's queue.
 Admit = Callable[[LLMEngine], PrefillJob | None]
-# (first chunk with a token, its last output, seconds since admission): sets the chunk's prefill_path.
+# (first chunk with a token, its last output, seconds since admission): sets the chunk's prefill_path
+# (and may add marks to chunk.trace).
 OnFirstToken = Callable[[TokenChunk, RequestOutput, float], None]
 
 
@@ -35,6 +37,14 @@ async def stream_frames(
     on_finished: Callable[[str], object] | None = None,
 ) -> AsyncIterator[bytes]:
     rid = req.request_id
+    trace: Trace = {}
+    mark(trace, "worker.received")
+
+    def admit_marked(eng: LLMEngine) -> PrefillJob | None:
+        job = admit(eng)
+        mark(trace, "worker.admitted")
+        return job
+
     try:
         llm.engine.validate(req.prompt_token_ids, req.sampling_params())
         llm.open_stream(rid)
@@ -42,12 +52,13 @@ async def stream_frames(
         yield error_frame(rid, str(e))
         return
     try:
-        job = await llm.call(admit)
+        job = await llm.call(admit_marked)
     except ValueError as e:
         llm.close_stream(rid)
         yield error_frame(rid, str(e))
         return
     if job is not None:
+        job.trace = trace  # the prefill worker adds its marks; they come back with the KV
         yield frame(job)
     first = True
     t0 = time.monotonic()
@@ -60,7 +71,9 @@ async def stream_frames(
             out = outs[-1]
             if first and chunk.new_token_ids:
                 first = False
+                chunk.trace = trace
                 on_first_token(chunk, out, time.monotonic() - t0)
+                mark(chunk.trace, "worker.first_frame")
             if out.finished and on_finished is not None:
                 on_finished(rid)
             yield frame(chunk)

@@ -35,6 +35,7 @@ from pdserve.protocol import (
     decode,
     encode,
 )
+from pdserve.trace import mark
 from pdserve.workers.common import kv_layout, worker_load
 from pdserve.workers.generate_stream import stream_frames
 
@@ -143,7 +144,9 @@ class PrefillWorker:
                     logger.warning("prefill pull: HTTP %d %s", resp.status_code, resp.text[:200])
                     await asyncio.sleep(_RETRY_S)
                     continue
-                await self._start_job(decode(resp.content, PrefillJob))
+                job = decode(resp.content, PrefillJob)
+                mark(job.trace, "prefill.received")
+                await self._start_job(job)
 
     async def _start_job(self, job: PrefillJob) -> None:
         rid = job.request_id
@@ -166,6 +169,7 @@ class PrefillWorker:
 
     def _add_job(self, eng: LLMEngine, job: PrefillJob) -> None:
         eng.add_prefill_job(job)
+        mark(job.trace, "prefill.admitted")
         self._jobs[job.request_id] = job
 
     def _tick(self, eng: LLMEngine) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -55,6 +56,9 @@ def build_worker_app(make_role: object, token: str) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        interval = envs.switch_interval_s()
+        if interval is not None:
+            sys.setswitchinterval(interval)
         role: WorkerRole = make_role()  # type: ignore[operator]
         role.start()
         holder["role"] = role

@@ -49,13 +49,40 @@ def test_client_latencies_match_server_metrics(tmp_path: Path) -> None:
     assert abs(client_itl - (i1 - i0)) <= 0.03 * len(results) + 0.05 * (i1 - i0)
 
 
+# Marks taken in another process are converted from the wall clock to the router's: allow for the
+# two clocks being read a few microseconds apart.
+CLOCKS_S = 1e-3
+REMOTE_MARKS = [
+    "arrival", "routed", "worker.received", "worker.admitted", "enqueued", "pulled",
+    "prefill.received", "prefill.admitted", "prefill.launched", "prefill.sampled", "prefill.done_sent",
+    "decode.done_received", "decode.kv_checked", "decode.completed", "worker.first_frame",
+    "first_token", "end",
+]  # fmt: skip
+LOCAL_MARKS = ["arrival", "routed", "worker.received", "worker.admitted", "worker.first_frame", "end"]
+
+
+def _in_order(ph: dict[str, float | str], names: list[str]) -> None:
+    times = [float(ph[name]) for name in names]
+    steps = zip(names, names[1:], times, times[1:], strict=False)
+    late = [(a, b) for a, b, ta, tb in steps if tb < ta - CLOCKS_S]
+    assert not late, (late, ph)
+
+
 def test_router_sends_phase_timestamps_of_a_remote_prefill(tmp_path: Path) -> None:
     with deployment(tmp_path, "--prefill", "1", "--decode", "1", "--transport", "shm") as dep:
         specs = synthetic(LengthSampler("fixed", prompt_len=400, output_len=4), 1, None, 49152, seed=3)
         [r] = asyncio.run(run(dep.url, specs, "smollm2"))
+        short = synthetic(LengthSampler("fixed", prompt_len=20, output_len=4), 1, None, 49152, seed=4)
+        [local] = asyncio.run(run(dep.url, short, "smollm2"))
     assert r.ok and r.phases is not None, r
     ph = r.phases
     assert ph["prefill_path"] == "remote"
     order = [ph["arrival"], ph["routed"], ph["enqueued"], ph["pulled"], ph["first_token"], ph["end"]]
     assert order == sorted(order)
     assert [name for name, _, _ in segments(r)] == ["queue", "prefill", "transfer", "decode"]
+    # Every hop of the control path is stamped, in the order the request passes them.
+    _in_order(ph, REMOTE_MARKS)
+    assert local.ok and local.phases is not None, local
+    assert local.phases["prefill_path"] == "local"
+    _in_order(local.phases, LOCAL_MARKS)
+    assert "prefill.received" not in local.phases
