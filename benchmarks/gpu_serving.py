@@ -3,9 +3,10 @@
 Two experiments, each starting real deployments (router + worker processes) one after another:
 
 `exposed` — what remote prefill costs a request in time to first token. The same 1P1D deployment
-(cuda_ipc, layer-wise streaming) is started twice: once sending every long prompt to the prefill
-worker, once with the remote threshold above the prompt length so the decode worker prefills it
-itself. Same prompts (fresh ones each repeat, so the prefix cache never helps), one at a time.
+(cuda_ipc, layer-wise streaming) is started three times: sending every long prompt to the prefill
+worker as the router routes it (early prefill, the default), the same with `--no-early-prefill`
+(the job reaches the queue after the decode worker's decision), and with the remote threshold above
+the prompt length so the decode worker prefills it itself. Same prompts (fresh ones each repeat, so the prefix cache never helps), one at a time.
 Exposed transfer time = TTFT(remote) - TTFT(local); the transfer's own time is the request's KV
 bytes over the cuda_ipc copy bandwidth measured by `gpu_suite.py` (`--copy-gbps`).
 
@@ -75,6 +76,8 @@ def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
     return {
         f"{n // 2}P{n - n // 2}D": disagg,
         f"{n // 2}P{n - n // 2}D-whole": whole,
+        # The decode worker decides and reserves before the prefill is queued (only with --configs).
+        f"{n // 2}P{n - n // 2}D-after-decision": [*disagg, "--no-early-prefill"],
         f"{n}xcolocated": ["--prefill", "0", "--decode", "0", "--colocated", str(n)],
         # One engine inside the API server, no router and no worker hop: what the HTTP-side
         # architecture costs, next to 1xcolocated (only with --configs, only for one GPU).
@@ -135,11 +138,15 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
     base = ["--model", args.model, *placement(args), "--prefill", "1", "--decode", "1"]
     base += ["--transport", args.transport, "--max-num-batched-tokens", str(max(8192, args.prompt_len))]
     base += ["--kv-layers-per-chunk", str(args.layers_per_chunk)]
-    paths = {"remote": 1, "local": 10 * args.prompt_len}
-    for path, threshold in paths.items():
-        server = Server(
-            [*base, "--remote-prefill-threshold", str(threshold)], args.out / f"exposed-{path}.log"
-        )
+    # remote: the router queues the prefill as it routes (the default); remote-after-decision: the
+    # decode worker reserves blocks first and the job reaches the queue through it.
+    paths = {
+        "remote": ["--remote-prefill-threshold", "1"],
+        "remote-after-decision": ["--remote-prefill-threshold", "1", "--no-early-prefill"],
+        "local": ["--remote-prefill-threshold", str(10 * args.prompt_len)],
+    }
+    for path, flags in paths.items():
+        server = Server([*base, *flags], args.out / f"exposed-{path}.log")
         try:
             warm_up(server.url, args.model)
             ttfts, phases = [], []
@@ -164,6 +171,9 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
     kv_bytes = args.prompt_len * 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
     own_s = kv_bytes / (args.copy_gbps * 1e9) if args.copy_gbps else float("nan")
     gap = report["runs"]["remote"]["ttft_p50_s"] - report["runs"]["local"]["ttft_p50_s"]
+    report["exposed_after_decision_s"] = (
+        report["runs"]["remote-after-decision"]["ttft_p50_s"] - report["runs"]["local"]["ttft_p50_s"]
+    )
     report["kv_bytes"] = kv_bytes
     report["transfer_own_s"] = own_s
     report["exposed_s"] = gap
@@ -191,7 +201,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     num_gpus = 1 if args.gpus == "cpu" else len(args.gpus.split(","))
     every = compare_configs(args.workers or num_gpus, args.threshold)
-    names = args.configs or [name for name in every if name != "inprocess"]
+    names = args.configs or [name for name in every if name != "inprocess" and "after-decision" not in name]
     configs = {name: every[name] for name in names}
     report = header(args) | {
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},

@@ -200,6 +200,13 @@ class WorkerConfig:
             "(prefill and decode), so an idle prefill GPU adds decode capacity"
         ),
     )
+    early_prefill: bool = field(
+        default=True,
+        metadata=_help(
+            "router: queue a prompt's remote prefill as it routes the request (by the decode worker's "
+            "own policy), so the prefill runs while the decode worker reserves blocks for its KV"
+        ),
+    )
     max_whole_per_prefill_worker: int = field(
         default=16,
         metadata=_help(

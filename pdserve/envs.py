@@ -32,6 +32,12 @@ def fault_kv_delay_s() -> float:
     return float(os.environ.get("PDSERVE_FAULT_KV_DELAY_S", "0") or 0)
 
 
+def fault_destination_delay_s() -> float:
+    """PDSERVE_FAULT_DESTINATION_DELAY_S: fault injection for tests and drills; the router holds the
+    destination of a prefill it started early this long, so the prefill worker finishes first."""
+    return float(os.environ.get("PDSERVE_FAULT_DESTINATION_DELAY_S", "0") or 0)
+
+
 def cache_dir() -> Path:
     """PDSERVE_CACHE_DIR: where derived files are kept between runs, e.g. tokenizers rebuilt from
     GGUF metadata (default ~/.cache/pdserve)."""

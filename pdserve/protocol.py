@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 
 class ProtocolError(ValueError):
@@ -64,6 +64,10 @@ class WorkerInfo:
     layout: KVLayout
     model_name: str
     max_model_len: int
+    # A decode worker's remote-prefill policy (workers/disagg_policy.DisaggPolicy fields) and KV
+    # deadline, so the router can start a prefill before the decode worker has decided.
+    disagg_policy: dict[str, Any] | None = None
+    kv_timeout_s: float = 0.0
 
 
 @dataclass
@@ -80,6 +84,7 @@ class WorkerLoad:
     num_preemptions: int = 0
     # The engine thread's lifetime counters (engine/step_stats.py): steps, tokens, seconds per phase.
     engine_counters: dict[str, float] = field(default_factory=dict)
+    prefill_tokens_per_s: float = 0.0  # a decode worker's estimate of its own prefill speed
 
 
 # ---- router → decode worker (or a prefill worker serving a request whole) ----
@@ -94,6 +99,9 @@ class GenerateRequest:
     prefill_queue_depth: int = 0
     num_prefill_workers: int = 0
     allow_remote: bool = True
+    # The router has already queued this prompt's prefill (router/early_prefill.py): the decode
+    # worker reserves blocks and answers with the job (its destination), or with PrefillDeclined.
+    prefill_started: bool = False
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.params)
@@ -124,6 +132,52 @@ class PrefillJob:
     # Wall-clock marks (time.time()) of the request's control path so far; each side adds its own
     # and the first TokenChunk carries them all to the router (see pdserve/trace.py).
     trace: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_destination(self) -> bool:
+        """False for a job the router queued before the decode worker reserved blocks for it."""
+        return self.kv_port != 0
+
+    def set_destination(self, dest: PrefillDestination) -> None:
+        self.decode_worker_id, self.kv_host, self.kv_port = dest.decode_worker_id, dest.kv_host, dest.kv_port
+        self.dst_block_ids, self.skip_tokens, self.deadline = (
+            dest.dst_block_ids,
+            dest.skip_tokens,
+            dest.deadline,
+        )
+        for name, t in dest.trace.items():
+            self.trace.setdefault(name, t)
+
+
+@dataclass
+class PrefillDeclined:
+    """Decode worker → router, for a request whose prefill the router started early: this worker
+    prefills the prompt itself (no blocks to reserve), so the early job is withdrawn."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass
+class PrefillDestination:
+    """Router → prefill worker: where the KV of a job it took before the decode worker had decided
+    goes (the fields a PrefillJob lacks until then)."""
+
+    request_id: str
+    decode_worker_id: str
+    kv_host: str
+    kv_port: int
+    dst_block_ids: list[int]
+    skip_tokens: int
+    deadline: float
+    trace: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, job: PrefillJob) -> PrefillDestination:
+        return cls(
+            job.request_id, job.decode_worker_id, job.kv_host, job.kv_port, list(job.dst_block_ids),
+            job.skip_tokens, job.deadline, dict(job.trace),
+        )  # fmt: skip
 
 
 @dataclass
@@ -311,7 +365,7 @@ _TYPES: dict[str, type] = {
         KVLayout, WorkerInfo, WorkerLoad, GenerateRequest, PrefillJob, TokenChunk, AbortRequest,
         KVHello, KVChallenge, KVHelloAck, NcclRendezvous, NixlEndpoint, KVLayerChunk, PrefillDone,
         PrefillFailed,
-        PrefillJobPull,
+        PrefillJobPull, PrefillDeclined, PrefillDestination,
     )
 }  # fmt: skip
 

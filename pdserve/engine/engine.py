@@ -204,6 +204,15 @@ class LLMEngine:
                 del self.draining[rid]
                 self.block_manager.free(req)
 
+    def _hold_parked(self, req: Request, status: RequestStatus) -> None:
+        """Prefill side: the job's forward ended before its destination arrived (kv_output.py). It is
+        done here, but its blocks hold the KV to send: kept until release_draining, at the latest
+        at the job's deadline."""
+        assert req.kv_job is not None
+        self.scheduler.finish(req, status, free_blocks=False)
+        self.draining[req.request_id] = (req, time.monotonic() + max(req.kv_job.deadline - time.time(), 0.0))
+        logger.info("[%s] prefilled before its destination arrived: KV and first token held", req.request_id)
+
     def add_prefill_job(self, job: PrefillJob) -> None:
         """Prefill side: run the prompt, ship its KV as it is computed, sample the first token."""
         params = dataclasses.replace(SamplingParams(**job.params), max_tokens=1, min_tokens=0, n=1)
@@ -349,8 +358,9 @@ class LLMEngine:
             self.block_manager.free(req)
 
     def _postprocess(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        parked = False
         if req.kv_job is not None and self.kv_streamer is not None:
-            self.kv_streamer.send_first_token(req, token_id, logprob)
+            parked = not self.kv_streamer.send_first_token(req, token_id, logprob)
         req.append_token(token_id, logprob)
         status = stop_status(req, token_id, self.eos_token_ids, self.max_model_len)
         detok = self._detokenizers.get(req.request_id)
@@ -358,7 +368,9 @@ class LLMEngine:
             stop_str = detok.update([token_id])  # honours min_tokens itself
             if stop_str is not None:
                 status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop_str
-        if status is not None:
+        if parked:
+            self._hold_parked(req, status or RequestStatus.FINISHED_LENGTH)
+        elif status is not None:
             self._finish(req, status)
         text = detok.take_delta(status is not None) if detok is not None else ""
         if status is not None:

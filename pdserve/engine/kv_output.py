@@ -1,9 +1,19 @@
 """Prefill side of a remote prefill: ship each request's KV to its decode worker layer group by
-layer group, from inside the forward pass, so the transfer overlaps the remaining layers."""
+layer group, from inside the forward pass, so the transfer overlaps the remaining layers.
+
+A job the router queued early (router/early_prefill.py) starts before its decode worker has
+reserved blocks: its destination arrives while the prompt runs (`offer_destination`, from any
+thread). Until then nothing is pushed; at the first layer after it arrives, everything computed so
+far goes out in one catch-up push (earlier chunks: all layers; this step: the layers done), and
+the rest streams as usual. A job whose forward ends before its destination is *parked*: its first
+token waits, and the engine holds its blocks, until the destination comes (`flush_parked`) or the
+job is dropped.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,12 +21,26 @@ from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.kv_transfer.base import KVSender, read_kv, slots_for
 from pdserve.outputs import TokenLogprob
-from pdserve.protocol import PrefillDone, PrefillJob
+from pdserve.protocol import PrefillDestination, PrefillDone, PrefillJob
 from pdserve.trace import mark
 
 
 def logprob_to_wire(lp: TokenLogprob | None) -> list[object] | None:
     return None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
+
+
+@dataclass
+class _Unsent:
+    """A request's positions computed in every layer but not pushed (no destination yet)."""
+
+    ranges: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, slots)
+
+
+@dataclass
+class _Parked:
+    req: Request
+    token_id: int
+    logprob: TokenLogprob | None
 
 
 class KVStreamer:
@@ -33,6 +57,79 @@ class KVStreamer:
         # K and V of one token in one layer
         self.token_layer_bytes = kv_caches[0][:, 0, 0].numel() * kv_caches[0].element_size()
         self.bytes_sent: dict[str, int] = {}
+        # Destinations that arrived for jobs without one: written by the worker's event loop while
+        # the engine thread may be inside a forward; a dict store is atomic, and only this thread pops.
+        self._arrived: dict[str, PrefillDestination] = {}
+        self._unsent: dict[str, _Unsent] = {}
+        self.parked: dict[str, _Parked] = {}
+
+    # ---- destinations that come late ----
+
+    def offer_destination(self, dest: PrefillDestination) -> None:
+        """Any thread: where a started job's KV goes."""
+        self._arrived[dest.request_id] = dest
+
+    def _resolve(self, job: PrefillJob) -> bool:
+        """Engine thread: whether the job has its destination, taking one that arrived."""
+        if job.has_destination:
+            return True
+        dest = self._arrived.pop(job.request_id, None)
+        if dest is None:
+            return False
+        job.set_destination(dest)
+        return True
+
+    def expire_arrivals(self, now: float) -> None:
+        """Forget destinations past their deadline (their job never ran here)."""
+        for rid, dest in list(self._arrived.items()):  # one C call: safe against the loop's stores
+            if dest.deadline >= now:
+                continue
+            self._arrived.pop(rid, None)
+
+    def flush_parked(self, request_id: str) -> bool:
+        """Engine thread, after a destination arrived: push a parked job's KV and its first token.
+        True if it was parked and is now sent (the engine may then free its blocks)."""
+        parked = self.parked.get(request_id)
+        if parked is None or parked.req.kv_job is None or not self._resolve(parked.req.kv_job):
+            return False
+        del self.parked[request_id]
+        self._send_done(parked.req, parked.token_id, parked.logprob)
+        return True
+
+    def drop(self, request_id: str) -> bool:
+        """Forget everything held for a request (aborted, expired). True if it was parked."""
+        self._arrived.pop(request_id, None)
+        self._unsent.pop(request_id, None)
+        self.bytes_sent.pop(request_id, None)
+        return self.parked.pop(request_id, None) is not None
+
+    # ---- pushes ----
+
+    def _push(
+        self, job: PrefillJob, layer_start: int, layer_end: int, start: int, slots: torch.Tensor
+    ) -> None:
+        """Positions [start, start + len(slots)) of layers [layer_start, layer_end), less the prefix
+        the decode worker already holds (not sent)."""
+        skip = job.skip_tokens - start
+        if skip > 0:
+            start, slots = start + skip, slots[skip:]
+        if slots.numel() == 0 or layer_end <= layer_start:
+            return
+        rid = job.request_id
+        if self.sender.copies_from_cache:  # it copies from our cache: no gathered copy
+            self.sender.send_kv_from_cache(job, layer_start, layer_end, self.kv_caches, slots, start)
+            nbytes = self.token_layer_bytes * len(slots) * (layer_end - layer_start)
+        else:
+            kv = read_kv(self.kv_caches, layer_start, layer_end, slots)  # [layers, 2, tokens, H_kv, D]
+            self.sender.send_kv(job, layer_start, kv, start)
+            nbytes = kv.numel() * kv.element_size()
+        self.bytes_sent[rid] = self.bytes_sent.get(rid, 0) + nbytes
+
+    def _push_unsent(self, job: PrefillJob) -> None:
+        """Every earlier chunk of a job whose destination just arrived: all layers, one push each."""
+        unsent = self._unsent.pop(job.request_id, None)
+        for start, slots in unsent.ranges if unsent is not None else []:
+            self._push(job, 0, self.num_layers, start, slots)
 
     def layer_hook_for(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
         """The hook for this step's forward, or None when no scheduled request ships KV."""
@@ -42,45 +139,68 @@ class KVStreamer:
             job = req.kv_job
             if job is None:
                 continue
-            # Positions the decode worker already holds (its prefix-cache hit) are not sent.
-            start = max(req.num_computed_tokens, job.skip_tokens)
-            end = req.num_computed_tokens + s.num_new_tokens
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
             if end > start:
                 mark(job.trace, "prefill.launched")
                 items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
         if not items:
             return None
-        if self.sender.copies_from_cache:
-            for job, start, slots in items:
-                self.sender.prepare_from_cache(job, slots, start, self.kv_caches[0].device)
+        ready = {job.request_id: self._resolve(job) for job, _, _ in items}
+        for job, start, slots in items:
+            if ready[job.request_id]:
+                self._push_unsent(job)
+                if self.sender.copies_from_cache:
+                    sent_from = max(start, job.skip_tokens)
+                    if sent_from < start + len(slots):
+                        self.sender.prepare_from_cache(
+                            job, slots[sent_from - start :], sent_from, self.kv_caches[0].device
+                        )
+        # The first layer of each request's next push: those without a destination send nothing yet.
+        next_layer = {rid: 0 for rid in ready}
 
         def hook(layer: int) -> None:
-            if (layer + 1) % self.layers_per_chunk and layer != self.num_layers - 1:
-                return
-            first = layer - layer % self.layers_per_chunk
+            last = layer == self.num_layers - 1
             for job, start, slots in items:
-                if self.sender.copies_from_cache:  # it copies from our cache: no gathered copy
-                    self.sender.send_kv_from_cache(job, first, layer + 1, self.kv_caches, slots, start)
-                    nbytes = self.token_layer_bytes * len(slots) * (layer + 1 - first)
-                    self.bytes_sent[job.request_id] = self.bytes_sent.get(job.request_id, 0) + nbytes
+                rid = job.request_id
+                if not ready[rid]:
+                    ready[rid] = self._resolve(job)
+                    if not ready[rid]:
+                        if last:  # the forward ends without a destination: send it all later
+                            self._unsent.setdefault(rid, _Unsent()).ranges.append((start, slots))
+                        continue
+                    self._push_unsent(job)  # caught up below, from layer 0, in one push
+                elif (layer + 1) % self.layers_per_chunk and not last:
                     continue
-                kv = read_kv(self.kv_caches, first, layer + 1, slots)  # [layers, 2, tokens, H_kv, D]
-                self.sender.send_kv(job, first, kv, start)
-                self.bytes_sent[job.request_id] = (
-                    self.bytes_sent.get(job.request_id, 0) + kv.numel() * kv.element_size()
-                )
+                self._push(job, next_layer[rid], layer + 1, start, slots)
+                next_layer[rid] = layer + 1
 
         return hook
 
-    def send_first_token(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+    # ---- completion ----
+
+    def send_first_token(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> bool:
+        """Report the prompt done with its first token. False if the job has no destination yet:
+        it is parked, and the caller must hold its blocks until flush_parked or drop."""
         job = req.kv_job
         assert job is not None
-        nbytes = self.bytes_sent.pop(req.request_id, 0)
         mark(job.trace, "prefill.sampled")
+        if not self._resolve(job):
+            self.parked[req.request_id] = _Parked(req, token_id, logprob)
+            return False
+        self._send_done(req, token_id, logprob)
+        return True
+
+    def _send_done(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+        job = req.kv_job
+        assert job is not None
+        self._push_unsent(job)  # a destination that came after the last layer's hook
+        nbytes = self.bytes_sent.pop(req.request_id, 0)
         wire = logprob_to_wire(logprob)
         done = PrefillDone(req.request_id, token_id, wire, req.num_prompt_tokens, nbytes, trace=job.trace)
         self.sender.send_done(job, done)
 
     def send_failed(self, job: PrefillJob, error: str) -> None:
-        self.bytes_sent.pop(job.request_id, None)
-        self.sender.send_failed(job, error)
+        """Tell the decode side the job failed; without a destination there is no one to tell."""
+        self.drop(job.request_id)
+        if job.has_destination:
+            self.sender.send_failed(job, error)

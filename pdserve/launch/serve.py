@@ -74,6 +74,7 @@ def serve_deployment(
                 secret.encode(),
                 args.routing,
                 whole_policy(worker_defaults),
+                worker_defaults.early_prefill,
             )
         )
     except KeyboardInterrupt:
@@ -112,6 +113,7 @@ async def _serve_router(
     secret: bytes,
     routing: str,
     whole: WholePolicy | None,
+    early_prefill: bool,
 ) -> None:
     import uvicorn
 
@@ -123,7 +125,9 @@ async def _serve_router(
 
     token = envs.internal_token(secret)
     tokenizer = await asyncio.to_thread(load_tokenizer, engine_cfg.model)
-    client = DisaggClient([w.url for w in deployment.workers], token, tokenizer, routing, whole)
+    client = DisaggClient(
+        [w.url for w in deployment.workers], token, tokenizer, routing, whole, early_prefill=early_prefill
+    )
     await client.start()
     if engine_cfg.model.served_model_name:
         client.model_name = engine_cfg.model.served_model_name

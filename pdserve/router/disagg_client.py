@@ -27,6 +27,7 @@ from pdserve.protocol import (
     AbortRequest,
     FrameReader,
     GenerateRequest,
+    PrefillDeclined,
     PrefillJob,
     ProtocolError,
     TokenChunk,
@@ -36,6 +37,7 @@ from pdserve.protocol import (
     encode,
     params_to_dict,
 )
+from pdserve.router.early_prefill import EarlyPrefills
 from pdserve.router.policy import Candidate, RoundRobin, pick_kv_aware
 from pdserve.router.prefill_queue import PrefillQueue
 from pdserve.router.prefix_index import PrefixIndex
@@ -67,6 +69,7 @@ class DisaggClient:
         tokenizer: Any,
         routing: str = "kv_aware",
         whole: WholePolicy | None = None,
+        early_prefill: bool = True,
     ) -> None:
         if routing not in ("kv_aware", "round_robin"):
             raise ValueError(f"routing must be kv_aware|round_robin, got {routing!r}")
@@ -85,6 +88,10 @@ class DisaggClient:
         )
         self.workers: dict[str, WorkerHandle] = {}
         self.queue = PrefillQueue()
+        # Remote prefills queued at routing (router/early_prefill.py); None: decode workers decide first.
+        self.early = (
+            EarlyPrefills(self.queue, self._http, self.workers, self._post_abort) if early_prefill else None
+        )
         self.prefix_index: PrefixIndex | None = None
         self.model_name = ""
         self.max_model_len = 0
@@ -242,8 +249,14 @@ class DisaggClient:
                     "[%s] prefill worker %s failed before the first token (%s): serving it on %s",
                     request_id, whole.worker_id, e, decoder.worker_id,
                 )  # fmt: skip
+        early = None
+        if self.early is not None and self.prefix_index is not None:
+            early = self.early.job_for(
+                request_id, prompt_token_ids, params_to_dict(params), decoder, self.prefix_index,
+                len(self.prefill_workers()),
+            )  # fmt: skip
         async with contextlib.aclosing(
-            self._serve(request_id, prompt_token_ids, params, decoder, arrival)
+            self._serve(request_id, prompt_token_ids, params, decoder, arrival, early=early)
         ) as outs:
             async for out in outs:
                 yield out
@@ -256,23 +269,36 @@ class DisaggClient:
         worker: WorkerHandle,
         arrival: float,
         may_fail_over: bool = False,
+        early: PrefillJob | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request from `worker`. may_fail_over: if the worker fails before any output,
-        raise _FailedBeforeOutput (after aborting it there) instead of yielding an error."""
+        raise _FailedBeforeOutput (after aborting it there) instead of yielding an error. early: this
+        request's prefill job, queued now, before the decode worker decides (router/early_prefill.py)."""
         body = GenerateRequest(
             request_id, prompt_token_ids, params_to_dict(params),
             prefill_queue_depth=self.queue.depth, num_prefill_workers=len(self.prefill_workers()),
-            allow_remote=worker.info.role == "decode",
+            allow_remote=worker.info.role == "decode", prefill_started=early is not None,
         )  # fmt: skip
         events = RequestEvents(worker.worker_id, arrival=arrival, routed=time.monotonic())
         self._streams[request_id] = worker.worker_id
         finished = False
         sent = False
         try:
+            if early is not None:
+                events.enqueued = time.monotonic()
+                await self.queue.put(early)
             async for msg in self._stream(worker, body):
                 if isinstance(msg, PrefillJob):
+                    if self.early is not None and early is not None:
+                        await self.early.route_destination(msg, worker, len(self.prefill_workers()))
+                        continue
                     events.enqueued = time.monotonic()
                     await self.queue.put(msg)
+                    continue
+                if isinstance(msg, PrefillDeclined):
+                    assert self.early is not None
+                    await self.early.withdraw(request_id)
+                    events.enqueued = None
                     continue
                 if msg.prefill_path is not None:
                     events.first_token = time.monotonic()
@@ -308,10 +334,12 @@ class DisaggClient:
             self._streams.pop(request_id, None)
             if not finished:
                 await asyncio.shield(self._abort_everywhere(request_id, worker))
+            if self.early is not None:
+                self.early.forget(request_id)
 
     async def _stream(
         self, worker: WorkerHandle, body: GenerateRequest
-    ) -> AsyncIterator[PrefillJob | TokenChunk]:
+    ) -> AsyncIterator[PrefillJob | PrefillDeclined | TokenChunk]:
         timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT_S)
         async with self._http.stream(
             "POST", f"{worker.info.url}/worker/generate", content=encode(body), timeout=timeout
@@ -321,7 +349,7 @@ class DisaggClient:
             reader = FrameReader()
             async for data in resp.aiter_raw():
                 for msg in reader.feed(data):
-                    if not isinstance(msg, PrefillJob | TokenChunk):
+                    if not isinstance(msg, PrefillJob | PrefillDeclined | TokenChunk):
                         raise ProtocolError(f"unexpected {type(msg).__name__} in a generate stream")
                     yield msg
 
@@ -332,11 +360,9 @@ class DisaggClient:
 
     async def _abort_everywhere(self, request_id: str, decode_worker: WorkerHandle) -> None:
         state, prefill_id = self.queue.cancel(request_id)
-        calls = [
-            self._post_abort(
-                decode_worker, AbortRequest(request_id, "client", writer_stopped=state != "in_flight")
-            )
-        ]
+        # A prefill worker writes into the decode worker's blocks only once it knows where they are.
+        stopped = state != "in_flight" or (self.early is not None and not self.early.may_write(request_id))
+        calls = [self._post_abort(decode_worker, AbortRequest(request_id, "client", writer_stopped=stopped))]
         if state == "in_flight" and prefill_id in self.workers:
             calls.append(self._post_abort(self.workers[prefill_id], AbortRequest(request_id, "client")))
         await asyncio.gather(*calls)

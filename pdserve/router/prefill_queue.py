@@ -79,6 +79,19 @@ class PrefillQueue:
             return "in_flight", entry.worker_id
         return "unknown", None
 
+    def set_destination(self, job: PrefillJob) -> tuple[str, str | None]:
+        """The decode worker's job for a request queued early (router/early_prefill.py). Still
+        queued: it takes the early job's place, ("queued", None). Already taken: ("in_flight",
+        worker_id), and the destination must reach that worker. ("unknown", None) if neither."""
+        entry = self._queued.get(job.request_id)
+        if entry is not None:
+            entry.job = job
+            return "queued", None
+        entry = self._in_flight.get(job.request_id)
+        if entry is not None:
+            return "in_flight", entry.worker_id
+        return "unknown", None
+
     def pulled_at(self, request_id: str) -> float | None:
         """When a prefill worker took this job (monotonic), while it is in flight."""
         entry = self._in_flight.get(request_id)

@@ -9,6 +9,7 @@ blocks already held, so a request is never lost to a broken prefill worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.protocol import (
     AbortRequest,
     GenerateRequest,
+    PrefillDeclined,
     PrefillDone,
     PrefillJob,
     TokenChunk,
@@ -36,7 +38,7 @@ from pdserve.protocol import (
 )
 from pdserve.trace import Trace, mark
 from pdserve.workers.common import PrefillSpeed, kv_layout, worker_load
-from pdserve.workers.disagg_policy import DisaggPolicy, choose_prefill_path
+from pdserve.workers.disagg_policy import Decision, DisaggPolicy, choose_prefill_path
 from pdserve.workers.generate_stream import stream_frames
 
 logger = logging.getLogger(__name__)
@@ -124,11 +126,15 @@ class DecodeWorker:
             self.layout,
             self.llm.model_name,
             self.llm.max_model_len,
+            disagg_policy=dataclasses.asdict(self.policy) if self.remote_enabled else None,
+            kv_timeout_s=self.cfg.kv_timeout_s,
         )
 
     def load(self) -> WorkerLoad:
         events = self.llm.engine.block_manager.drain_events()  # list swap: safe across threads
-        return worker_load(self.worker_id, self.llm, len(self._remote), events)
+        load = worker_load(self.worker_id, self.llm, len(self._remote), events)
+        load.prefill_tokens_per_s = self.prefill_speed.tokens_per_s
+        return load
 
     # ---- the generate stream ----
 
@@ -149,7 +155,7 @@ class DecodeWorker:
         if chunk.prefill_path != "remote":
             self.prefill_speed.observe(out.num_prompt_tokens - out.num_cached_tokens, seconds)
 
-    def _admit(self, eng: LLMEngine, req: GenerateRequest) -> PrefillJob | None:
+    def _admit(self, eng: LLMEngine, req: GenerateRequest) -> PrefillJob | PrefillDeclined | None:
         """Engine thread: local prefill, or reserve blocks and return the job for a prefill worker."""
         params = req.sampling_params()
         rid = req.request_id
@@ -157,10 +163,15 @@ class DecodeWorker:
             cached = (
                 len(eng.block_manager.peek_cached_prefix(req.prompt_token_ids)) * eng.block_manager.block_size
             )
-            decision = choose_prefill_path(
-                len(req.prompt_token_ids) - cached, req.prefill_queue_depth, req.num_prefill_workers,
-                self.prefill_speed.tokens_per_s, self.policy,
-            )  # fmt: skip
+            if req.prefill_started:
+                # The router already runs it on a prefill worker, from the same policy with its view
+                # of our cache: only a shortage of blocks makes us prefill it here after all.
+                decision = Decision(True, "prefill started early by the router")
+            else:
+                decision = choose_prefill_path(
+                    len(req.prompt_token_ids) - cached, req.prefill_queue_depth, req.num_prefill_workers,
+                    self.prefill_speed.tokens_per_s, self.policy,
+                )  # fmt: skip
             logger.info("[%s] prefill %s: %s", rid, "remote" if decision.remote else "local", decision.reason)
             if decision.remote:
                 held = eng.reserve_remote(rid, req.prompt_token_ids, params)
@@ -180,6 +191,8 @@ class DecodeWorker:
                     return job
                 logger.info("[%s] no blocks to reserve: prefilling locally", rid)
         eng.add_request(rid, req.prompt_token_ids, params)
+        if req.prefill_started:
+            return PrefillDeclined(rid, "prefilled on the decode worker")
         return None
 
     # ---- KV arrival (receiver threads) → engine thread ----

@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from pdserve.engine.async_llm import AsyncLLM
 from pdserve.engine.engine import LLMEngine
 from pdserve.outputs import RequestOutput
-from pdserve.protocol import GenerateRequest, PrefillJob, TokenChunk, frame
+from pdserve.protocol import GenerateRequest, PrefillDeclined, PrefillJob, TokenChunk, frame
 from pdserve.trace import Trace, mark
 
-# Engine thread: queue the request, or return a PrefillJob for the router's queue.
-Admit = Callable[[LLMEngine], PrefillJob | None]
+# Engine thread: queue the request, or return a PrefillJob for the router's queue (or, when the router
+# started the prefill early and it stays here after all, PrefillDeclined).
+Admit = Callable[[LLMEngine], PrefillJob | PrefillDeclined | None]
 # (first chunk with a token, its last output, seconds since admission): sets the chunk's prefill_path
 # (and may add marks to chunk.trace).
 OnFirstToken = Callable[[TokenChunk, RequestOutput, float], None]
@@ -40,7 +41,7 @@ async def stream_frames(
     trace: Trace = {}
     mark(trace, "worker.received")
 
-    def admit_marked(eng: LLMEngine) -> PrefillJob | None:
+    def admit_marked(eng: LLMEngine) -> PrefillJob | PrefillDeclined | None:
         job = admit(eng)
         mark(trace, "worker.admitted")
         return job
@@ -57,8 +58,9 @@ async def stream_frames(
         llm.close_stream(rid)
         yield error_frame(rid, str(e))
         return
-    if job is not None:
+    if isinstance(job, PrefillJob):
         job.trace = trace  # the prefill worker adds its marks; they come back with the KV
+    if job is not None:
         yield frame(job)
     first = True
     t0 = time.monotonic()

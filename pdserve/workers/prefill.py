@@ -27,6 +27,7 @@ from pdserve.outputs import RequestOutput
 from pdserve.protocol import (
     AbortRequest,
     GenerateRequest,
+    PrefillDestination,
     PrefillJob,
     PrefillJobPull,
     TokenChunk,
@@ -66,10 +67,14 @@ class PrefillWorker:
             on_error=self._on_send_error,
         )
         self.sender.on_abort = self._on_decode_abort  # type: ignore[method-assign]
-        engine.kv_streamer = KVStreamer(
+        self.streamer = KVStreamer(
             self.sender, engine.kv_caches, engine.block_manager.block_size, cfg.kv_layers_per_chunk
         )
+        engine.kv_streamer = self.streamer
         self._jobs: dict[str, PrefillJob] = {}  # in flight here
+        # Jobs that failed or were aborted here before their destination was known: the decode
+        # worker is told once it arrives (request id -> (error, the job's deadline)).
+        self._failed: dict[str, tuple[str, float]] = {}
         self._puller: asyncio.Task[None] | None = None
         self.llm.on_tick = self._tick
 
@@ -156,7 +161,7 @@ class PrefillWorker:
         try:
             await self.llm.call(lambda eng: self._add_job(eng, job))
         except ValueError as e:
-            self.sender.send_failed(job, str(e))
+            self._fail(job, str(e))
             return
         logger.info(
             "[%s] prefill job started (%d tokens, %d cached on decode)",
@@ -165,7 +170,35 @@ class PrefillWorker:
             job.skip_tokens,
         )
 
+    def set_destination(self, dest: PrefillDestination) -> None:
+        """Event loop: where the KV of a job taken early goes (the router got it from the decode
+        worker). Offered at once, since the job may be in the middle of its forward; a job whose
+        forward has ended is flushed on the engine thread."""
+        self.streamer.offer_destination(dest)
+        self.llm.submit(lambda eng: self._after_destination(eng, dest))
+
     # ---- engine thread ----
+
+    def _after_destination(self, eng: LLMEngine, dest: PrefillDestination) -> None:
+        rid = dest.request_id
+        if self.streamer.flush_parked(rid):
+            # Its copies are queued on the stream ahead of any later writer of these blocks.
+            eng.release_draining(rid)
+            self._jobs.pop(rid, None)
+            logger.info("[%s] destination came after the prefill: KV and first token sent now", rid)
+            return
+        failed = self._failed.pop(rid, None)
+        if failed is not None:
+            self.streamer.drop(rid)
+            job = PrefillJob(rid, [], {}, "", "", 0, [], 0, 0.0)
+            job.set_destination(dest)
+            self.sender.send_failed(job, failed[0])
+
+    def _fail(self, job: PrefillJob, error: str) -> None:
+        """Tell the decode side no more writes are coming: now, or once it is known."""
+        if not job.has_destination:
+            self._failed[job.request_id] = (error, job.deadline)
+        self.streamer.send_failed(job, error)
 
     def _add_job(self, eng: LLMEngine, job: PrefillJob) -> None:
         eng.add_prefill_job(job)
@@ -173,8 +206,19 @@ class PrefillWorker:
         self._jobs[job.request_id] = job
 
     def _tick(self, eng: LLMEngine) -> None:
+        # Parked jobs past their deadline: the decode side has prefilled locally by now.
+        if eng.draining:
+            eng.release_draining()
+            for rid in [r for r in self.streamer.parked if r not in eng.draining]:
+                self.streamer.drop(rid)
+        now = time.time()
+        self.streamer.expire_arrivals(now)
+        for rid in [r for r, (_, deadline) in list(self._failed.items()) if deadline < now]:
+            del self._failed[rid]
         # A job whose request the engine has finished needs no terminal message on abort any more.
-        for rid in [r for r in self._jobs if r not in eng.scheduler.requests]:
+        for rid in [
+            r for r in self._jobs if r not in eng.scheduler.requests and r not in self.streamer.parked
+        ]:
             del self._jobs[rid]
 
     # ---- aborts: from the router, from the decode side, or a broken link ----
@@ -193,7 +237,9 @@ class PrefillWorker:
         if out is not None:
             self.llm.deliver(out)  # ends a whole request's stream; a job has none, so a no-op
         job = self._jobs.pop(request_id, None)
+        parked = request_id in self.streamer.parked
         if job is not None:
-            # The terminal message tells the decode side no more writes are coming.
-            assert eng.kv_streamer is not None
-            eng.kv_streamer.send_failed(job, reason)
+            self._fail(job, reason)
+        self.streamer.drop(request_id)
+        if parked:  # nothing was pushed from its blocks: free them now
+            eng.release_draining(request_id)

@@ -29,6 +29,7 @@ from pdserve.process_pauses import PauseMonitor, freeze_startup_heap
 from pdserve.protocol import (
     AbortRequest,
     GenerateRequest,
+    PrefillDestination,
     ProtocolError,
     WorkerInfo,
     WorkerLoad,
@@ -100,6 +101,20 @@ def build_worker_app(make_role: object, token: str) -> FastAPI:
         except ProtocolError as e:
             return Response(str(e), status_code=400)
         await holder["role"].abort(msg)
+        return Response(status_code=200)
+
+    @app.post("/worker/prefill/destination")
+    async def destination(request: Request) -> Response:
+        if not authorized(request):
+            return Response(status_code=401)
+        set_destination = getattr(holder["role"], "set_destination", None)
+        if set_destination is None:
+            return Response("not a prefill worker", status_code=404)
+        try:
+            msg = decode(await request.body(), PrefillDestination)
+        except ProtocolError as e:
+            return Response(str(e), status_code=400)
+        set_destination(msg)
         return Response(status_code=200)
 
     @app.post("/worker/generate")

@@ -52,12 +52,14 @@ def test_client_latencies_match_server_metrics(tmp_path: Path) -> None:
 # Marks taken in another process are converted from the wall clock to the router's: allow for the
 # two clocks being read a few microseconds apart.
 CLOCKS_S = 1e-3
+# The prefill side's way, from the moment the router queued the job (at routing: early prefill).
 REMOTE_MARKS = [
-    "arrival", "routed", "worker.received", "worker.admitted", "enqueued", "pulled",
-    "prefill.received", "prefill.admitted", "prefill.launched", "prefill.sampled", "prefill.done_sent",
-    "decode.done_received", "decode.kv_checked", "decode.completed", "worker.first_frame",
-    "first_token", "end",
+    "arrival", "routed", "enqueued", "pulled", "prefill.received", "prefill.admitted",
+    "prefill.launched", "prefill.sampled", "prefill.done_sent", "decode.done_received",
+    "decode.kv_checked", "decode.completed", "worker.first_frame", "first_token", "end",
 ]  # fmt: skip
+# The decode side's, meanwhile: its decision comes before any KV can reach it.
+DECODE_MARKS = ["enqueued", "worker.received", "worker.admitted", "decode.done_received"]
 LOCAL_MARKS = ["arrival", "routed", "worker.received", "worker.admitted", "worker.first_frame", "end"]
 
 
@@ -82,6 +84,7 @@ def test_router_sends_phase_timestamps_of_a_remote_prefill(tmp_path: Path) -> No
     assert [name for name, _, _ in segments(r)] == ["queue", "prefill", "transfer", "decode"]
     # Every hop of the control path is stamped, in the order the request passes them.
     _in_order(ph, REMOTE_MARKS)
+    _in_order(ph, DECODE_MARKS)
     assert local.ok and local.phases is not None, local
     assert local.phases["prefill_path"] == "local"
     _in_order(local.phases, LOCAL_MARKS)

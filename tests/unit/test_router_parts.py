@@ -6,7 +6,8 @@ import random
 import time
 
 from pdserve.engine.block_manager import hash_prefix_blocks
-from pdserve.protocol import PrefillJob
+from pdserve.protocol import KVLayout, PrefillDestination, PrefillJob, WorkerInfo, WorkerLoad
+from pdserve.router.early_prefill import decide_early, early_job
 from pdserve.router.policy import Candidate, RoundRobin, pick_kv_aware
 from pdserve.router.prefill_queue import PrefillQueue
 from pdserve.router.prefix_index import PrefixIndex
@@ -49,6 +50,48 @@ async def test_forget_worker_returns_its_jobs() -> None:
     await q.pull("p1", 0.1)
     assert q.forget_worker("p1") == ["a"]
     assert q.in_flight == 0
+
+
+async def test_an_early_job_takes_its_destination_where_it_is() -> None:
+    info = WorkerInfo(
+        "d0", "decode", "http://d0", "127.0.0.1", 9, KVLayout("m", "bfloat16", 16, 2, 1, 8), "m", 64
+    )
+    info.kv_timeout_s = 20.0
+    q = PrefillQueue()
+    await q.put(early_job("a", [1, 2, 3], {}, info))
+    await q.put(early_job("b", [4, 5], {}, info))
+    first = await q.pull("p0", 0.1)
+    assert first is not None and first.request_id == "a" and not first.has_destination
+    assert 19 < first.deadline - time.time() <= 20
+    # "a" is on p0: its destination must be sent there; "b" is still queued: replaced in place.
+    assert q.set_destination(job("a")) == ("in_flight", "p0")
+    assert q.set_destination(job("b")) == ("queued", None)
+    second = await q.pull("p1", 0.1)
+    assert second is not None and second.request_id == "b" and second.has_destination
+    assert q.set_destination(job("gone")) == ("unknown", None)
+    # What the prefill worker receives completes the early job, the decode side's marks included.
+    dest = PrefillDestination.of(job("a"))
+    dest.trace = {"worker.admitted": 5.0}
+    first.trace["prefill.received"] = 6.0
+    first.set_destination(dest)
+    assert first.has_destination and (first.kv_port, first.dst_block_ids) == (1, [0])
+    assert first.trace == {"prefill.received": 6.0, "worker.admitted": 5.0}
+
+
+def test_early_start_follows_the_decode_workers_own_policy() -> None:
+    policy = DisaggPolicy(256, 4, 4e9, 46080)
+    layout = KVLayout("m", "bfloat16", 16, 2, 1, 8)
+    decode = WorkerInfo(
+        "d0", "decode", "u", "h", 9, layout, "m", 64, disagg_policy=vars(policy), kv_timeout_s=30
+    )
+    load = WorkerLoad("d0", 0, 0, 10, 10, prefill_tokens_per_s=1500.0)
+    for uncached, depth, workers in [(100, 0, 1), (1800, 0, 1), (600, 4, 1), (1800, 0, 0)]:
+        assert decide_early(decode, load, uncached, depth, workers) == (
+            choose_prefill_path(uncached, depth, workers, 1500.0, policy).remote
+        )
+    assert not decide_early(decode, None, 1800, 0, 1)  # not polled yet: leave it to the worker
+    colocated = WorkerInfo("c0", "colocated", "u", "h", 0, layout, "m", 64)
+    assert not decide_early(colocated, load, 1800, 0, 1)
 
 
 def test_prefix_index_counts_leading_blocks() -> None:
