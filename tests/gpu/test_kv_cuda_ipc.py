@@ -20,7 +20,7 @@ from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.kv_transfer import make_sender
 from pdserve.kv_transfer.base import read_kv, slots_for
-from pdserve.protocol import KVLayout, PrefillJob
+from pdserve.protocol import KVLayout, PrefillDestination, PrefillJob
 from pdserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -156,4 +156,45 @@ def test_kv_in_blocks_not_reserved_fails_the_fingerprint(
         kind, detail, _ = parent.recv()
         assert kind == "failed"
         assert detail[0] == "r2" and "fingerprint mismatch" in detail[1]
+        sender.close()
+
+
+@pytest.mark.parametrize("when", ["second_chunk", "after_the_forward"])
+def test_cuda_ipc_destination_that_arrives_late(when: str) -> None:
+    """A job the router queued early (router/early_prefill.py): no destination when its forward
+    starts; it arrives in the middle of the second chunk, or only after the first token was sampled
+    (parked). Either way the whole KV lands and the fingerprint matches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with decode_side() as (parent, host, port):
+        src = [torch.randn(2, 40, 16, 2, 64, device="cuda").bfloat16() for _ in range(LAYOUT.num_layers)]
+        src_blocks = torch.randperm(40)[:7].tolist()
+        dst_blocks = torch.randperm(NUM_BLOCKS)[:7].tolist()
+        num_tokens, skip = 100, 16
+        parent.send(("r3", dst_blocks, skip, num_tokens))
+        assert parent.recv() == "expecting"
+        early = PrefillJob("r3", [], {}, "d0", "", 0, [], 0, time.time() + 30, LAYOUT)
+        dest = PrefillDestination("r3", "d0", host, port, dst_blocks, skip, time.time() + 30)
+        sender = make_sender("cuda_ipc", LAYOUT, "p0", SECRET)
+        streamer = KVStreamer(sender, src, LAYOUT.block_size, layers_per_chunk=2)
+        req = prefill_request("r3", num_tokens, src_blocks, early)
+        for i, chunk in enumerate([60, num_tokens - 60]):
+            hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
+            assert hook is not None
+            for layer in range(LAYOUT.num_layers):
+                if when == "second_chunk" and (i, layer) == (1, 1):
+                    streamer.offer_destination(dest)
+                hook(layer)
+            req.num_computed_tokens += chunk
+        if when == "after_the_forward":
+            assert not streamer.send_first_token(req, 42, None)
+            streamer.offer_destination(dest)
+            assert streamer.flush_parked("r3")
+        else:
+            assert streamer.send_first_token(req, 42, None)
+        kind, detail, landed = parent.recv()
+        assert kind == "done", detail
+        assert detail == ("r3", 42, (num_tokens - skip) * LAYOUT.bytes_per_token)
+        sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
+        assert torch.equal(landed, sent)
         sender.close()
