@@ -247,7 +247,9 @@ class AsyncLLM:
     def _fail_all(self) -> list[RequestOutput]:
         outputs = []
         for request_id in list(self.engine.scheduler.requests):
-            out = self.engine.abort_request(request_id)
+            # As the worker aborts (a decode worker keeps blocks a prefill worker may be writing;
+            # a prefill worker tells the decode side its job is over).
+            out = self.abort_fn(self.engine, request_id)
             if out is not None:
                 out.finish_reason, out.error = "error", "internal engine error"
                 outputs.append(out)

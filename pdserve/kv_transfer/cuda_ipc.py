@@ -271,11 +271,14 @@ class CudaIpcKVSender(SocketKVSender):
             if staging.host.numel() >= size and staging.uploaded.query():
                 return self._free_staging.pop(i)
         capacity = max(size, 2 * 8192)
-        return _Staging(
-            torch.empty(capacity, dtype=torch.int64, pin_memory=True),
-            torch.empty(capacity, dtype=torch.int64, device=device),
-            torch.cuda.Event(),
-        )
+        # Ordinary tensors even when first needed inside the forward (a destination that arrived
+        # mid-forward, kv_output.py): they are written again outside inference mode before later steps.
+        with torch.inference_mode(False):
+            return _Staging(
+                torch.empty(capacity, dtype=torch.int64, pin_memory=True),
+                torch.empty(capacity, dtype=torch.int64, device=device),
+                torch.cuda.Event(),
+            )
 
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
         """Engine thread: fingerprint the sampled positions of everything sent for the request, from

@@ -77,6 +77,7 @@ class PrefillWorker:
         self._failed: dict[str, tuple[str, float]] = {}
         self._puller: asyncio.Task[None] | None = None
         self.llm.on_tick = self._tick
+        self.llm.abort_fn = lambda eng, rid: self._end(eng, rid, "aborted on the prefill worker")
 
     def start(self) -> None:
         self.llm.start()
@@ -233,9 +234,13 @@ class PrefillWorker:
         self.llm.submit(lambda eng: self._abort_on_engine(eng, request_id, error))
 
     def _abort_on_engine(self, eng: LLMEngine, request_id: str, reason: str) -> None:
-        out = eng.abort_request(request_id)
+        out = self._end(eng, request_id, reason)
         if out is not None:
             self.llm.deliver(out)  # ends a whole request's stream; a job has none, so a no-op
+
+    def _end(self, eng: LLMEngine, request_id: str, reason: str) -> RequestOutput | None:
+        """Abort a request or job here (also what a failed engine step does to each)."""
+        out = eng.abort_request(request_id)
         job = self._jobs.pop(request_id, None)
         parked = request_id in self.streamer.parked
         if job is not None:
@@ -243,3 +248,4 @@ class PrefillWorker:
         self.streamer.drop(request_id)
         if parked:  # nothing was pushed from its blocks: free them now
             eng.release_draining(request_id)
+        return out

@@ -95,8 +95,9 @@ def run_prefill(streamer: KVStreamer, req: Request, chunks: list[int]) -> None:
     for chunk in chunks:
         hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
         assert hook is not None
-        for layer in range(LAYOUT.num_layers):
-            hook(layer)
+        with torch.inference_mode():  # as in the engine's forward
+            for layer in range(LAYOUT.num_layers):
+                hook(layer)
         req.num_computed_tokens += chunk
     streamer.send_first_token(req, 42, None)
 
@@ -181,10 +182,11 @@ def test_cuda_ipc_destination_that_arrives_late(when: str) -> None:
         for i, chunk in enumerate([60, num_tokens - 60]):
             hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
             assert hook is not None
-            for layer in range(LAYOUT.num_layers):
-                if when == "second_chunk" and (i, layer) == (1, 1):
-                    streamer.offer_destination(dest)
-                hook(layer)
+            with torch.inference_mode():  # as in the engine's forward
+                for layer in range(LAYOUT.num_layers):
+                    if when == "second_chunk" and (i, layer) == (1, 1):
+                        streamer.offer_destination(dest)
+                    hook(layer)
             req.num_computed_tokens += chunk
         if when == "after_the_forward":
             assert not streamer.send_first_token(req, 42, None)
@@ -197,4 +199,15 @@ def test_cuda_ipc_destination_that_arrives_late(when: str) -> None:
         assert detail == ("r3", 42, (num_tokens - skip) * LAYOUT.bytes_per_token)
         sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
         assert torch.equal(landed, sent)
+        # The next request reuses the staging buffers this one made inside the forward, from
+        # outside inference mode (prepare_from_cache): they must be ordinary tensors.
+        parent.send(("r4", dst_blocks, 0, num_tokens))
+        assert parent.recv() == "expecting"
+        job = PrefillJob("r4", [], {}, "d0", host, port, dst_blocks, 0, time.time() + 30, LAYOUT)
+        run_prefill(streamer, prefill_request("r4", num_tokens, src_blocks, job), [num_tokens])
+        kind, detail, landed = parent.recv()
+        assert kind == "done", detail
+        assert torch.equal(
+            landed, read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, 0, num_tokens)).cpu()
+        )
         sender.close()

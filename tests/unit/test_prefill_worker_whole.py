@@ -1,12 +1,22 @@
 """A prefill worker serving a whole request: the same frames a co-located worker sends for it, and an
-abort from the router ends the stream and frees every block (tiny random-weight model, CPU)."""
+abort from the router ends the stream and frees every block; a failed step ends its jobs with their
+decode workers told (tiny random-weight model, CPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
-from pdserve.protocol import AbortRequest, FrameReader, GenerateRequest, TokenChunk, params_to_dict
+from pdserve.protocol import (
+    AbortRequest,
+    FrameReader,
+    GenerateRequest,
+    PrefillDestination,
+    PrefillJob,
+    TokenChunk,
+    params_to_dict,
+)
 from pdserve.sampling_params import SamplingParams
 from pdserve.workers.decode import DecodeWorker
 from pdserve.workers.prefill import PrefillWorker
@@ -98,5 +108,40 @@ async def test_a_request_refused_at_admission_leaves_no_stream_behind() -> None:
         chunks = await _frames(worker.generate(GenerateRequest("big", PROMPT, params, allow_remote=False)))
         assert chunks[-1].finish_reason == "error" and "KV blocks" in (chunks[-1].error or "")
         assert "big" not in worker.llm._streams
+    finally:
+        await worker.shutdown()
+
+
+async def test_a_failed_engine_step_ends_every_job_with_its_decode_side_told() -> None:
+    """A step that raises fails the jobs in it: a job with a destination tells its decode worker at
+    once (it prefills locally instead of waiting for its deadline); one queued early, without a
+    destination yet, tells it when the destination arrives."""
+    worker = _prefill_worker()
+    told: list[tuple[str, str, int]] = []
+    worker.sender.send_failed = lambda job, error: told.append((job.request_id, error, job.kv_port))  # type: ignore[method-assign]
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("device fault")
+
+    worker.llm.engine.runner.launch = broken  # type: ignore[method-assign]
+    worker.start()
+    try:
+        params = params_to_dict(SamplingParams(max_tokens=4))
+        total = worker.llm.stats().num_total_blocks
+        deadline = time.time() + 30
+        await worker._start_job(
+            PrefillJob("with-dest", PROMPT, params, "d0", "127.0.0.1", 5, [0], 0, deadline)
+        )
+        await worker._start_job(PrefillJob("early", PROMPT, params, "d0", "", 0, [], 0, deadline))
+        async with asyncio.timeout(5):
+            while not told or worker.llm.stats().num_free_blocks < total:
+                await asyncio.sleep(0.01)
+        assert [(rid, port) for rid, _, port in told] == [("with-dest", 5)]
+        worker.set_destination(PrefillDestination("early", "d0", "127.0.0.1", 6, [1], 0, deadline))
+        async with asyncio.timeout(5):
+            while len(told) < 2:
+                await asyncio.sleep(0.01)
+        assert [(rid, port) for rid, _, port in told] == [("with-dest", 5), ("early", 6)]
+        assert worker.llm.stats().num_free_blocks == total
     finally:
         await worker.shutdown()
