@@ -14,10 +14,16 @@ The marks, in the order a remote prefill passes them (a local prefill has the wo
     prefill.admitted      its engine thread queued the job
     prefill.launched      the job's first forward was launched
     prefill.sampled       its first token was read on the host
+    prefill.done_queued   cuda_ipc: the fingerprint launched, the completion queued to the send thread
+    prefill.done_dequeued cuda_ipc: the send thread took it
+    prefill.fingerprint_read  cuda_ipc: the fingerprint read back from the GPU
     prefill.done_sent     the completion was written to the KV channel
     decode.done_received  the decode worker's KV channel read the completion
+    decode.fingerprint_launched  cuda_ipc: the decode side's fingerprint launched
     decode.kv_checked     the completion was accepted (KV complete, fingerprint matched)
     decode.completed      the decode engine thread took the first token
+    decode.delivered      ... and handed it to the worker's event loop
+    worker.output_received  the event loop got the request's first output
     worker.first_frame    the first token's frame left the serving worker
 """
 

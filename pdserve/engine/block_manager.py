@@ -70,10 +70,27 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
+    def _chain(self, req: Request, num_blocks: int) -> list[int]:
+        """The hash chain of the request's first `num_blocks` full blocks (memoised on the request)."""
+        chain = req.hash_chain
+        if len(chain) < num_blocks:
+            parent = chain[-1] if chain else _ROOT_HASH
+            tokens = req.all_token_ids
+            for i in range(len(chain), num_blocks):
+                parent = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+                chain.append(parent)
+        return chain[:num_blocks]
+
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks matching the request's longest block-aligned prefix. At least one token is
         left uncomputed, because the last prompt token must run to produce the next token's logits."""
-        hit = self.peek_cached_prefix(req.all_token_ids)
+        hit: list[int] = []
+        if self.enable_prefix_caching:
+            for h in self._chain(req, (req.num_tokens - 1) // self.block_size):
+                block_id = self._cached.get(h)
+                if block_id is None:
+                    break
+                hit.append(block_id)
         self.query_tokens += req.num_tokens
         self.hit_tokens += len(hit) * self.block_size
         return hit
@@ -133,10 +150,9 @@ class BlockManager:
         num_full = req.num_computed_tokens // self.block_size
         if num_full <= len(req.block_hashes):
             return  # no block filled up since the last call (most decode steps)
-        parent = req.block_hashes[-1] if req.block_hashes else _ROOT_HASH
+        chain = self._chain(req, num_full)
         for i in range(len(req.block_hashes), num_full):
-            tokens = req.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            parent = hash_block(parent, tokens)
+            parent = chain[i]
             req.block_hashes.append(parent)
             block = self.blocks[req.block_table[i]]
             if block.block_hash is None and parent not in self._cached:

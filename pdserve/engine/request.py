@@ -68,6 +68,10 @@ class Request:
         self.block_table: list[int] = []
         # Hash of each full block in block_table, in order (the prefix-cache chain).
         self.block_hashes: list[int] = []
+        # The hash chain of the request's full blocks of tokens, as far as computed: a function of
+        # the tokens alone (which only grow), kept across preemption, so each block is hashed once
+        # (prefix lookup at admission, naming the blocks once filled).
+        self.hash_chain: list[int] = []
         self.num_preemptions = 0
         self.stop_reason: str | int | None = None
         # Prefill side of a remote prefill: where this request's KV goes.

@@ -26,6 +26,7 @@ from pdserve.kv_transfer.gpu_copy import copy_slots, fingerprint_slots, pointer_
 from pdserve.kv_transfer.spot_check import sample_offset, sampled
 from pdserve.kv_transfer.tcp import SocketKVReceiver, SocketKVSender, _Item, _Peer
 from pdserve.protocol import KVLayerChunk, KVLayout, PrefillDone, PrefillJob
+from pdserve.trace import mark
 
 
 def export_handles(kv_caches: list[torch.Tensor]) -> list[list[Any]]:
@@ -132,6 +133,7 @@ class CudaIpcKVReceiver(SocketKVReceiver):
             # completion (a host allocation the driver registers) cost more than the copy.
             device_slots = slots.contiguous().to(self.kv_caches[0].device)
             found = fingerprint_slots(self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots)
+            mark(done.trace, "decode.fingerprint_launched")
             if int(found) != done.kv_checksum:
                 return "KV fingerprint mismatch: what landed is not what was sent"
         return None
@@ -298,6 +300,7 @@ class CudaIpcKVSender(SocketKVSender):
             ready.record()
             self._fingerprints[rid] = (ready, total)
         self._forget(rid)
+        mark(done.trace, "prefill.done_queued")
         super().send_done(job, done)
 
     def send_failed(self, job: PrefillJob, error: str) -> None:
@@ -313,6 +316,7 @@ class CudaIpcKVSender(SocketKVSender):
     def push(self, peer: _Peer, item: _Item) -> None:
         """Send thread: a completion waits for its fingerprint (not for the rest of the stream)."""
         if item.kind == "done":
+            mark(item.payload.trace, "prefill.done_dequeued")
             pending = self._fingerprints.pop(item.job.request_id, None)
             if pending is not None:
                 ready, total = pending
@@ -322,6 +326,7 @@ class CudaIpcKVSender(SocketKVSender):
                 with torch.cuda.stream(self._side):  # read it without waiting for the engine's stream
                     item.payload.kv_checksum = int(total.item())
                 item.payload.kv_checksum_stride = self.fingerprint_stride
+                mark(item.payload.trace, "prefill.fingerprint_read")
         super().push(peer, item)
 
     def encode_chunk(self, peer: _Peer, item: _Item) -> tuple[KVLayerChunk, bytes]:

@@ -160,14 +160,13 @@ class DecodeWorker:
         params = req.sampling_params()
         rid = req.request_id
         if self.remote_enabled and req.allow_remote:
-            cached = (
-                len(eng.block_manager.peek_cached_prefix(req.prompt_token_ids)) * eng.block_manager.block_size
-            )
             if req.prefill_started:
                 # The router already runs it on a prefill worker, from the same policy with its view
                 # of our cache: only a shortage of blocks makes us prefill it here after all.
                 decision = Decision(True, "prefill started early by the router")
             else:
+                bm = eng.block_manager
+                cached = len(bm.peek_cached_prefix(req.prompt_token_ids)) * bm.block_size
                 decision = choose_prefill_path(
                     len(req.prompt_token_ids) - cached, req.prefill_queue_depth, req.num_prefill_workers,
                     self.prefill_speed.tokens_per_s, self.policy,
@@ -221,6 +220,7 @@ class DecodeWorker:
         out = eng.complete_remote(done.request_id, done.first_token_id, logprob)
         if out is not None:
             self.llm.deliver(out)
+            mark(done.trace, "decode.delivered")
 
     def _fail_remote(self, eng: LLMEngine, request_id: str, error: str) -> None:
         remote = self._remote.pop(request_id, None)

@@ -69,6 +69,8 @@ async def stream_frames(
     # that leaves aborts the request now, not when collected.
     async with contextlib.aclosing(llm.stream_batches(rid)) as batches:
         async for outs in batches:
+            if first:
+                mark(trace, "worker.output_received")
             chunk = TokenChunk.from_outputs(outs)
             out = outs[-1]
             if first and chunk.new_token_ids:

@@ -56,11 +56,15 @@ CLOCKS_S = 1e-3
 REMOTE_MARKS = [
     "arrival", "routed", "enqueued", "pulled", "prefill.received", "prefill.admitted",
     "prefill.launched", "prefill.sampled", "prefill.done_sent", "decode.done_received",
-    "decode.kv_checked", "decode.completed", "worker.first_frame", "first_token", "end",
+    "decode.kv_checked", "decode.completed", "decode.delivered", "worker.output_received",
+    "worker.first_frame", "first_token", "end",
 ]  # fmt: skip
 # The decode side's, meanwhile: its decision comes before any KV can reach it.
 DECODE_MARKS = ["enqueued", "worker.received", "worker.admitted", "decode.done_received"]
-LOCAL_MARKS = ["arrival", "routed", "worker.received", "worker.admitted", "worker.first_frame", "end"]
+LOCAL_MARKS = [
+    "arrival", "routed", "worker.received", "worker.admitted", "worker.output_received",
+    "worker.first_frame", "end",
+]  # fmt: skip
 
 
 def _in_order(ph: dict[str, float | str], names: list[str]) -> None:

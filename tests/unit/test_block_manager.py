@@ -98,3 +98,34 @@ def test_prefix_caching_off() -> None:
     a = make_req("a", list(range(9)))
     prefill(bm, a)
     assert bm.get_computed_blocks(make_req("b", list(range(9)))) == []
+
+
+def test_each_block_is_hashed_once_from_lookup_to_naming(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Admission looks the prompt up, and the blocks are named once filled (on a decode worker: when
+    a remote prefill's KV arrives, on the way to the first token): the chain is computed once."""
+    import pdserve.engine.block_manager as bm_module
+
+    calls = 0
+
+    def counting(parent: int, tokens: list[int]) -> int:
+        nonlocal calls
+        calls += 1
+        return hash_block(parent, tokens)
+
+    want_prompt = hash_prefix_blocks(list(range(17)), 4)
+    want_more = hash_prefix_blocks([*range(17), 99, 98, 97], 4)
+    monkeypatch.setattr(bm_module, "hash_block", counting)
+    bm = BlockManager(num_blocks=20, block_size=4)
+    req = make_req("a", list(range(17)))  # 4 full blocks
+    prefill(bm, req)
+    assert calls == 4
+    assert req.block_hashes == want_prompt
+    req.append_token(99, None)
+    req.append_token(98, None)
+    req.append_token(97, None)  # 20 tokens: a fifth full block
+    req.num_computed_tokens = 20
+    bm.cache_full_blocks(req)
+    assert calls == 5 and req.block_hashes == want_more
+    # Another request with the same prompt hits every block the first one named.
+    other = make_req("b", list(range(17)))
+    assert bm.get_computed_blocks(other) == req.block_table[:4]
