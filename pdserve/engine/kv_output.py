@@ -134,6 +134,7 @@ class KVStreamer:
     def layer_hook_for(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
         """The hook for this step's forward, or None when no scheduled request ships KV."""
         items: list[tuple[PrefillJob, int, torch.Tensor]] = []
+        completes: set[str] = set()  # jobs whose prompt this step finishes
         for s in scheduled:
             req = s.request
             job = req.kv_job
@@ -143,6 +144,8 @@ class KVStreamer:
             if end > start:
                 mark(job.trace, "prefill.launched")
                 items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
+                if end >= req.num_prompt_tokens:
+                    completes.add(job.request_id)
         if not items:
             return None
         ready = {job.request_id: self._resolve(job) for job, _, _ in items}
@@ -173,6 +176,8 @@ class KVStreamer:
                     continue
                 self._push(job, next_layer[rid], layer + 1, start, slots)
                 next_layer[rid] = layer + 1
+                if last and rid in completes:
+                    self.sender.seal(job)  # everything is pushed: summarise it before sampling
 
         return hook
 

@@ -72,6 +72,12 @@ class KVSender(ABC):
         device), so the per-layer pushes only launch copies. Nothing to stage by default."""
         return None
 
+    def seal(self, job: PrefillJob) -> None:
+        """Called inside the forward once the last of the job's KV has been pushed (its last
+        layer of its last chunk), before the first token is sampled: a transport that summarises
+        what it sent (cuda_ipc's fingerprint) may launch that now. Nothing by default."""
+        return None
+
     @abstractmethod
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None: ...
 

@@ -23,7 +23,7 @@ from pdserve import envs
 from pdserve.kv_transfer.base import Expectation, KVTransferError, OnDone, OnFailed, slots_for
 from pdserve.kv_transfer.codec import torch_dtype
 from pdserve.kv_transfer.gpu_copy import copy_slots, fingerprint_slots, pointer_table
-from pdserve.kv_transfer.spot_check import sample_offset, sampled
+from pdserve.kv_transfer.spot_check import num_sampled, sample_offset, sampled
 from pdserve.kv_transfer.tcp import SocketKVReceiver, SocketKVSender, _Item, _Peer
 from pdserve.protocol import KVLayerChunk, KVLayout, PrefillDone, PrefillJob
 from pdserve.trace import mark
@@ -95,7 +95,30 @@ class CudaIpcKVReceiver(SocketKVReceiver):
         # Set before the accept thread starts.
         self._stream = torch.cuda.Stream(kv_caches[0].device)
         self._table = pointer_table(kv_caches)
+        self._stride = envs.kv_fingerprint_stride()
+        # request id -> the slots its fingerprint will read, on the device, for our own stride:
+        # staged when the blocks are reserved, so the check after the completion only launches.
+        self._planned: dict[str, torch.Tensor] = {}
         super().__init__(layout, kv_caches, on_done, on_failed, secret, host, port)
+
+    def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
+        super().expect(request_id, dst_block_ids, skip_tokens)
+        capacity = len(dst_block_ids) * self.layout.block_size
+        with torch.cuda.stream(self._stream):
+            self._planned[request_id] = self._sampled_slots(
+                request_id, dst_block_ids, skip_tokens, capacity, self._stride
+            ).to(self.kv_caches[0].device)
+
+    def _pop(self, request_id: str) -> Expectation | None:
+        self._planned.pop(request_id, None)
+        return super()._pop(request_id)
+
+    def _sampled_slots(
+        self, request_id: str, blocks: list[int], skip: int, num_tokens: int, stride: int
+    ) -> torch.Tensor:
+        """Our cache slots of the positions in [skip, num_tokens) the fingerprint covers."""
+        slots = slots_for(blocks, self.layout.block_size, skip, num_tokens)
+        return slots[sampled(skip, len(slots), stride, sample_offset(request_id, stride))].contiguous()
 
     def handshake_extras(self) -> dict[str, Any]:
         return {"cuda_ipc": export_handles(self.kv_caches)}
@@ -113,25 +136,32 @@ class CudaIpcKVReceiver(SocketKVReceiver):
         rid = done.request_id
         with self._lock:
             exp = self._expected.get(rid)
+        planned = self._planned.get(rid)
         if self.verify and exp is not None and exp.missing(done.num_tokens) is None:
-            error = self._check_fingerprint(exp, done)
+            error = self._check_fingerprint(exp, done, planned)
             if error is not None:
                 if self._pop(rid) is not None:
                     self.on_failed(rid, error)
                 return
         super()._on_prefill_done(done)
 
-    def _check_fingerprint(self, exp: Expectation, done: PrefillDone) -> str | None:
+    def _check_fingerprint(
+        self, exp: Expectation, done: PrefillDone, planned: torch.Tensor | None
+    ) -> str | None:
         """None if our cache holds what the sender fingerprinted, at the positions it sampled."""
-        stride = done.kv_checksum_stride
+        stride, skip = done.kv_checksum_stride, exp.skip_tokens
         if done.kv_checksum is None or stride < 1:
             return f"completion without a usable fingerprint (stride {stride})"
-        slots = slots_for(exp.dst_block_ids, self.layout.block_size, exp.skip_tokens, done.num_tokens)
-        slots = slots[sampled(exp.skip_tokens, len(slots), stride, sample_offset(exp.request_id, stride))]
         with torch.cuda.stream(self._stream):
-            # A plain copy: this thread waits for the result anyway, and pinning a buffer per
-            # completion (a host allocation the driver registers) cost more than the copy.
-            device_slots = slots.contiguous().to(self.kv_caches[0].device)
+            if planned is not None and stride == self._stride:
+                # The positions below num_tokens are a prefix of those staged for the whole table.
+                offset = sample_offset(exp.request_id, stride)
+                count = num_sampled(skip, done.num_tokens - skip, stride, offset)
+                device_slots = planned[:count]
+            else:  # a sender with another stride: stage them now
+                device_slots = self._sampled_slots(
+                    exp.request_id, exp.dst_block_ids, skip, done.num_tokens, stride
+                ).to(self.kv_caches[0].device)
             found = fingerprint_slots(self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots)
             mark(done.trace, "decode.fingerprint_launched")
             if int(found) != done.kv_checksum:
@@ -282,11 +312,13 @@ class CudaIpcKVSender(SocketKVSender):
                 torch.cuda.Event(),
             )
 
-    def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
-        """Engine thread: fingerprint the sampled positions of everything sent for the request, from
-        our cache, on the stream (before our blocks can be reused); the send thread puts it into the
-        completion."""
+    def seal(self, job: PrefillJob) -> None:
+        """Engine thread, at the hook of the prompt's last layer: fingerprint the sampled positions
+        of everything sent for the request, from our cache, on the stream (after the last copy,
+        before our blocks can be reused), so the completion does not wait for this launch."""
         rid = job.request_id
+        if rid in self._fingerprints or rid in self.aborted:
+            return
         stride = self.fingerprint_stride
         offset = sample_offset(rid, stride)
         ranges = [(staging.device[:n], start) for (r, start), (staging, n) in self._slots.items() if r == rid]
@@ -299,7 +331,12 @@ class CudaIpcKVSender(SocketKVSender):
             ready = torch.cuda.Event()
             ready.record()
             self._fingerprints[rid] = (ready, total)
-        self._forget(rid)
+
+    def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
+        """Engine thread: the send thread puts the request's fingerprint (sealed in the forward, or
+        now if not) into the completion."""
+        self.seal(job)
+        self._forget(job.request_id)
         mark(done.trace, "prefill.done_queued")
         super().send_done(job, done)
 

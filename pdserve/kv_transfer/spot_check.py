@@ -24,3 +24,9 @@ def sample_offset(request_id: str, stride: int) -> int:
 def sampled(start: int, count: int, stride: int, offset: int) -> slice:
     """Indices, within the positions [start, start + count), of those p with p % stride == offset."""
     return slice((offset - start) % stride, count, stride)
+
+
+def num_sampled(start: int, count: int, stride: int, offset: int) -> int:
+    """How many of the positions [start, start + count) the fingerprint covers: the sampled positions
+    of a shorter range are a prefix of those of a longer one from the same start."""
+    return len(range(*sampled(start, count, stride, offset).indices(count)))

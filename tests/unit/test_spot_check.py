@@ -8,7 +8,7 @@ import torch
 
 from pdserve import envs
 from pdserve.kv_transfer.base import slots_for
-from pdserve.kv_transfer.spot_check import sample_offset, sampled
+from pdserve.kv_transfer.spot_check import num_sampled, sample_offset, sampled
 
 
 def sender_positions(request_id: str, chunks: list[tuple[int, int]], stride: int) -> list[int]:
@@ -30,6 +30,19 @@ def test_both_sides_sample_the_same_positions(stride: int, chunks: list[tuple[in
     assert all(p % stride == sample_offset(rid, stride) for p in receiver)
     if stride == 1:
         assert receiver == list(range(skip, end))
+
+
+@pytest.mark.parametrize("stride", [1, 3, 16])
+@pytest.mark.parametrize("skip", [0, 5, 16])
+def test_a_prompt_samples_a_prefix_of_what_its_whole_block_table_would(stride: int, skip: int) -> None:
+    """The decode side stages the positions of its whole reserved table when it reserves, and
+    checks the first num_sampled of them once it knows how many tokens the prompt had."""
+    offset = sample_offset("req-9", stride)
+    capacity = 128
+    staged = list(range(skip, capacity))[sampled(skip, capacity - skip, stride, offset)]
+    for num_tokens in range(skip + 1, capacity + 1):
+        want = list(range(skip, num_tokens))[sampled(skip, num_tokens - skip, stride, offset)]
+        assert staged[: num_sampled(skip, num_tokens - skip, stride, offset)] == want
 
 
 def test_default_stride_checks_every_block_of_a_request() -> None:
