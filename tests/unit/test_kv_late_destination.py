@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -17,8 +16,9 @@ from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.kv_transfer import KVReceiver, make_receiver, make_sender
 from pdserve.kv_transfer.base import read_kv, slots_for
-from pdserve.protocol import KVLayout, PrefillDestination, PrefillDone, PrefillJob
+from pdserve.protocol import KVLayout, PrefillDestination, PrefillJob
 from pdserve.sampling_params import SamplingParams
+from tests.unit.test_kv_nccl import Sink, wait_for
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -27,25 +27,6 @@ SECRET = b"s3cret"
 NUM_BLOCKS = 24
 SRC_BLOCKS, DST_BLOCKS = [7, 2, 19, 11, 5, 3], [14, 1, 9, 22, 6, 17]
 NUM_TOKENS = 22
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.done: dict[str, tuple[PrefillDone, int]] = {}
-        self.failed: list[tuple[str, str]] = []
-
-    def on_done(self, done: PrefillDone, stats: Any) -> None:
-        self.done[done.request_id] = (done, stats.nbytes)
-
-    def on_failed(self, request_id: str, error: str) -> None:
-        self.failed.append((request_id, error))
-
-
-def wait_for(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 @pytest.fixture
