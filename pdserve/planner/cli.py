@@ -82,9 +82,11 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         perf = PerfModel.load(args.perf)
         link = perf.link_bytes_per_s(args.fabric)
         wl = workload_from_args(args)
+        # As `pdserve serve` runs it: remote prefills queued by the router as it routes (early prefill).
         base = Deployment(
-            colocated=1, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
-        )
+            colocated=1, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            early_prefill=True,
+        )  # fmt: skip
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     policy = (

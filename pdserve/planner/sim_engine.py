@@ -40,6 +40,10 @@ class Req:
     pulled: float | None = None
     kv_seconds: float = 0.0
     wake: float = 0.0  # extra seconds of the first step computing its prompt (an idle deployment woke)
+    # Remote prefill: when the decode worker reserved its blocks (the KV's destination), and, for a
+    # prefill the router started early that ended before then, (prefill worker, started) to ship later.
+    reserved_at: float | None = None
+    parked: tuple[Engine, float] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -70,6 +70,10 @@ class Deployment:
     # write into its blocks) after deciding it; None: never.
     kv_timeout_s: float | None = None
     kv_grace_s: float = 0.0
+    # The router queues a remote prefill as it routes the request, by the decode worker's policy
+    # (router/early_prefill.py, `pdserve serve`'s default); False: once the decode worker, between
+    # two of its steps, has decided and reserved blocks.
+    early_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.colocated and (self.prefill or self.decode):
@@ -134,7 +138,55 @@ class _Cluster:
             d.add(req)
             return
         depth = len(self.queue)  # the router sends the depth it sees on arrival
+        if self.dep.early_prefill and self._remote(req, depth):
+            self._enqueue(req)  # now; the decode worker reserves blocks between its steps
+            d.call(lambda: self._reserve(req, d))
+            return
         d.call(lambda: self._admit(req, d, depth))
+
+    def _remote(self, req: Req, queue_depth: int) -> bool:
+        if self.dep.policy is None:
+            return True
+        decision = choose_prefill_path(
+            req.spec.prompt_len, queue_depth, len(self.prefillers), self.prefill_speed, self.dep.policy
+        )
+        return decision.remote
+
+    def _enqueue(self, req: Req) -> None:
+        self.decisions["remote"] += 1
+        req.remote = True
+        req.enqueued = self.sim.now
+        self.queue.append(req)
+        for p in self.prefillers:
+            self._pull(p)
+
+    def _reserve(self, req: Req, d: Engine) -> None:
+        """The decode worker's engine thread, for a prefill started early: blocks for its KV, or
+        (none to spare) the job withdrawn and the prompt prefilled here."""
+        if not d.allocate(req, req.spec.prompt_len):
+            self.decisions["remote"] -= 1
+            self.decisions["local"] += 1
+            req.remote, req.enqueued, req.pulled = False, None, None
+            if req in self.queue:
+                self.queue.remove(req)
+            p = self.prefilling.pop(req.spec.index, None)
+            if p is not None:
+                p.drop(req)
+            req.num_computed = req.num_output = 0
+            req.parked = None
+            d.add(req)
+            return
+        self._reserved(req, d)
+        if req.parked is not None:  # its prefill ended first: the KV and first token waited
+            p, started = req.parked
+            req.parked = None
+            self._ship(p, req, started, self.sim.now)
+
+    def _reserved(self, req: Req, d: Engine) -> None:
+        req.reserved_at = self.sim.now
+        if self.dep.kv_timeout_s is not None:
+            give_up = self.sim.now + self.dep.kv_timeout_s + self.dep.kv_grace_s
+            self.sim.at(give_up, lambda: d.call(lambda: self._give_up(req, d)))
 
     def _whole_target(self, req: Req, d: Engine) -> Engine | None:
         """The router's whole-request choice. No prefix caching or KV memory here: nothing is cached
@@ -153,18 +205,8 @@ class _Cluster:
 
     def _admit(self, req: Req, d: Engine, queue_depth: int) -> None:
         """The decode worker's engine thread: prefill here, or reserve blocks and enqueue a job."""
-        remote = True
-        if self.dep.policy is not None:
-            decision = choose_prefill_path(
-                req.spec.prompt_len,
-                queue_depth,
-                len(self.prefillers),
-                self.prefill_speed,
-                self.dep.policy,
-            )
-            remote = decision.remote
-        self.decisions["remote" if remote else "local"] += 1
-        if not remote:
+        if not self._remote(req, queue_depth):
+            self.decisions["local"] += 1
             # The worker learns its local speed from local prefills (workers/common.PrefillSpeed).
             if req.spec.prompt_len >= 64:
                 t = self.perf.prefill_s(req.spec.prompt_len)
@@ -172,18 +214,11 @@ class _Cluster:
             d.add(req)
             return
         if not d.allocate(req, req.spec.prompt_len):  # blocks the prefill worker writes the KV into
-            self.decisions["remote"] -= 1
             self.decisions["local"] += 1
             d.add(req)
             return
-        req.remote = True
-        req.enqueued = self.sim.now
-        self.queue.append(req)
-        if self.dep.kv_timeout_s is not None:
-            give_up = self.sim.now + self.dep.kv_timeout_s + self.dep.kv_grace_s
-            self.sim.at(give_up, lambda: d.call(lambda: self._give_up(req, d)))
-        for p in self.prefillers:
-            self._pull(p)
+        self._reserved(req, d)
+        self._enqueue(req)
 
     def _expired(self, req: Req) -> bool:
         timeout = self.dep.kv_timeout_s
@@ -213,11 +248,19 @@ class _Cluster:
         d.add(req, front=True)
 
     def _prefilled(self, p: Engine, req: Req, started: float, done: float) -> None:
-        # Layer-wise streaming: layer i's KV leaves as soon as it is computed, so the link is busy
-        # from the prefill's start and the last layer lands one layer's share after the prefill.
+        if req.reserved_at is None:  # started early, and no destination yet: wait for it
+            req.parked = (p, started)
+            return
+        self._ship(p, req, started, done)
+
+    def _ship(self, p: Engine, req: Req, started: float, done: float) -> None:
+        # Layer-wise streaming: layer i's KV leaves as soon as it is computed (and its destination
+        # is known), so the link is busy from then and the last layer lands one layer's share after
+        # the prefill.
+        assert req.reserved_at is not None
         p_name = p.name
         xfer = self.perf.transfer_s(req.spec.prompt_len, self.dep.fabric)
-        link_start = max(started, self.link_free.get(p_name, 0.0))
+        link_start = max(started, req.reserved_at, self.link_free.get(p_name, 0.0))
         arrival = max(done + xfer / self.perf.num_layers, link_start + xfer)
         self.link_free[p_name] = arrival
         req.kv_seconds = arrival - started

@@ -209,3 +209,39 @@ def test_a_decode_worker_without_blocks_for_a_remote_prompt_prefills_it_itself()
     assert decisions == {"local": 1, "remote": 1}
     assert second.phases is not None and second.phases["prefill_path"] == "local"
     assert first.ok and second.ok
+
+
+FAST = replace(PERF, links_gbps={"fast": 100.0})
+
+
+def test_early_prefill_starts_before_the_decode_workers_step_ends() -> None:
+    """A decode worker busy with a long batch decides only between its steps (90 ms here). Started
+    by the router, the prefill runs meanwhile: here it lands before the step boundary the late one
+    misses, so the first token comes a whole step sooner."""
+    busy = [SimRequest(i, 0.0, 10, 40) for i in range(40)]  # 40 sequences: 90 ms decode steps
+    late = SimRequest(40, 1.5, 180, 3)  # the prefill worker is idle again by then
+    out = {}
+    for early in (False, True):
+        dep = Deployment(prefill=1, decode=1, fabric="fast", max_num_seqs=64, early_prefill=early)
+        results, decisions = simulate_with_stats(FAST, dep, [*busy, late])
+        assert decisions == {"local": 0, "remote": 41}
+        assert all(r.output_tokens == r.output_len for r in results)
+        out[early] = results[-1]
+    assert out[True].phases is not None and out[True].phases["enqueued"] == 0.0  # queued at routing
+    assert out[False].ttft_s - out[True].ttft_s == pytest.approx(FAST.decode_step_s(40, 50), abs=0.02)
+
+
+def test_early_prefill_done_before_the_reservation_waits_for_it() -> None:
+    """A 5-token prompt's prefill (15 ms) ends before the decode worker's step does: its KV leaves
+    only once the blocks are reserved, at the step boundary (parked), and the request completes."""
+    busy = [SimRequest(i, 0.0, 10, 40) for i in range(40)]
+    dep = Deployment(prefill=1, decode=1, fabric="fast", max_num_seqs=64, early_prefill=True)
+    results = simulate(FAST, dep, [*busy, SimRequest(40, 1.5, 5, 3)])
+    r = results[-1]
+    assert r.output_tokens == 3 and r.phases is not None
+    late = simulate(FAST, replace(dep, early_prefill=False), [*busy, SimRequest(40, 1.5, 5, 3)])[-1]
+    assert late.phases is not None
+    # The transfer ends after the reservation the late path waited for before even enqueueing.
+    reserved = float(late.phases["enqueued"])
+    assert float(r.phases["kv_seconds"]) > reserved > FAST.prefill_s(5)
+    assert r.ttft_s is not None and late.ttft_s is not None and r.ttft_s <= late.ttft_s
