@@ -4,8 +4,6 @@ and prefills the prompt itself — the same tokens a co-located worker gives (ti
 
 from __future__ import annotations
 
-import asyncio
-
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, WorkerConfig
 from pdserve.protocol import (
     AbortRequest,
@@ -31,6 +29,11 @@ def _config() -> EngineConfig:
     )
 
 
+async def _free_blocks(worker: DecodeWorker) -> int:
+    """Read on the engine thread (the polled stats lag it)."""
+    return await worker.llm.call(lambda eng: eng.block_manager.num_free_blocks)
+
+
 async def _frames(worker: DecodeWorker, req: GenerateRequest, limit: int | None = None) -> list[object]:
     reader = FrameReader()
     out: list[object] = []
@@ -45,15 +48,14 @@ async def test_with_blocks_it_answers_with_the_destination() -> None:
     worker = DecodeWorker(WorkerConfig(role="decode", kv_transport="local"), _config(), b"s", "http://d")
     worker.start()
     try:
-        free = worker.llm.stats().num_free_blocks
+        free = await _free_blocks(worker)
         [job] = await _frames(worker, GenerateRequest("r1", PROMPT, PARAMS, prefill_started=True), limit=1)
         assert isinstance(job, PrefillJob) and job.has_destination
         assert len(job.dst_block_ids) == -(-len(PROMPT) // worker.layout.block_size)
-        assert worker.llm.stats().num_free_blocks == free - len(job.dst_block_ids)
+        assert await _free_blocks(worker) == free - len(job.dst_block_ids)
         assert "worker.admitted" in job.trace  # the decode side's marks travel with the destination
         await worker.abort(AbortRequest("r1", "client", writer_stopped=True))
-        await asyncio.sleep(0.05)
-        assert worker.llm.stats().num_free_blocks == free
+        assert await _free_blocks(worker) == free
     finally:
         await worker.shutdown()
 
