@@ -25,7 +25,7 @@ from tests.e2e.test_disagg import (
 )
 
 pytestmark = pytest.mark.slow
-DELAY_S = 1.5  # far longer than the prompt's prefill on CPU
+DELAY_S = 2.5  # far longer than the prompt's prefill on CPU (~0.4 s for its 170 tokens)
 
 
 @contextlib.contextmanager
