@@ -86,11 +86,7 @@ class BlockManager:
         left uncomputed, because the last prompt token must run to produce the next token's logits."""
         hit: list[int] = []
         if self.enable_prefix_caching:
-            for h in self._chain(req, (req.num_tokens - 1) // self.block_size):
-                block_id = self._cached.get(h)
-                if block_id is None:
-                    break
-                hit.append(block_id)
+            hit = self._hits(self._chain(req, (req.num_tokens - 1) // self.block_size))
         self.query_tokens += req.num_tokens
         self.hit_tokens += len(hit) * self.block_size
         return hit
@@ -99,8 +95,12 @@ class BlockManager:
         """Like get_computed_blocks, without touching hit statistics (for routing decisions)."""
         if not self.enable_prefix_caching:
             return []
+        return self._hits(hash_prefix_blocks(token_ids[: len(token_ids) - 1], self.block_size))
+
+    def _hits(self, hashes: list[int]) -> list[int]:
+        """The cached blocks of the longest prefix of a hash chain."""
         hit: list[int] = []
-        for h in hash_prefix_blocks(token_ids[: len(token_ids) - 1], self.block_size):
+        for h in hashes:
             block_id = self._cached.get(h)
             if block_id is None:
                 break

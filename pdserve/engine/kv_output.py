@@ -13,7 +13,7 @@ job is dropped.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,13 +27,6 @@ from pdserve.trace import mark
 
 def logprob_to_wire(lp: TokenLogprob | None) -> list[object] | None:
     return None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
-
-
-@dataclass
-class _Unsent:
-    """A request's positions computed in every layer but not pushed (no destination yet)."""
-
-    ranges: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, slots)
 
 
 @dataclass
@@ -60,7 +53,9 @@ class KVStreamer:
         # Destinations that arrived for jobs without one: written by the worker's event loop while
         # the engine thread may be inside a forward; a dict store is atomic, and only this thread pops.
         self._arrived: dict[str, PrefillDestination] = {}
-        self._unsent: dict[str, _Unsent] = {}
+        # request id -> (first position, slots) of each range computed in every layer but not pushed
+        # (no destination yet)
+        self._unsent: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.parked: dict[str, _Parked] = {}
 
     # ---- destinations that come late ----
@@ -127,8 +122,7 @@ class KVStreamer:
 
     def _push_unsent(self, job: PrefillJob) -> None:
         """Every earlier chunk of a job whose destination just arrived: all layers, one push each."""
-        unsent = self._unsent.pop(job.request_id, None)
-        for start, slots in unsent.ranges if unsent is not None else []:
+        for start, slots in self._unsent.pop(job.request_id, []):
             self._push(job, 0, self.num_layers, start, slots)
 
     def layer_hook_for(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
@@ -169,7 +163,7 @@ class KVStreamer:
                     ready[rid] = self._resolve(job)
                     if not ready[rid]:
                         if last:  # the forward ends without a destination: send it all later
-                            self._unsent.setdefault(rid, _Unsent()).ranges.append((start, slots))
+                            self._unsent.setdefault(rid, []).append((start, slots))
                         continue
                     self._push_unsent(job)  # caught up below, from layer 0, in one push
                 elif (layer + 1) % self.layers_per_chunk and not last:

@@ -136,20 +136,18 @@ class CudaIpcKVReceiver(SocketKVReceiver):
         rid = done.request_id
         with self._lock:
             exp = self._expected.get(rid)
-        planned = self._planned.get(rid)
         if self.verify and exp is not None and exp.missing(done.num_tokens) is None:
-            error = self._check_fingerprint(exp, done, planned)
+            error = self._check_fingerprint(exp, done)
             if error is not None:
                 if self._pop(rid) is not None:
                     self.on_failed(rid, error)
                 return
         super()._on_prefill_done(done)
 
-    def _check_fingerprint(
-        self, exp: Expectation, done: PrefillDone, planned: torch.Tensor | None
-    ) -> str | None:
+    def _check_fingerprint(self, exp: Expectation, done: PrefillDone) -> str | None:
         """None if our cache holds what the sender fingerprinted, at the positions it sampled."""
         stride, skip = done.kv_checksum_stride, exp.skip_tokens
+        planned = self._planned.get(exp.request_id)
         if done.kv_checksum is None or stride < 1:
             return f"completion without a usable fingerprint (stride {stride})"
         with torch.cuda.stream(self._stream):

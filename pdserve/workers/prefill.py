@@ -241,11 +241,10 @@ class PrefillWorker:
     def _end(self, eng: LLMEngine, request_id: str, reason: str) -> RequestOutput | None:
         """Abort a request or job here (also what a failed engine step does to each)."""
         out = eng.abort_request(request_id)
-        job = self._jobs.pop(request_id, None)
         parked = request_id in self.streamer.parked
+        job = self._jobs.pop(request_id, None)
         if job is not None:
-            self._fail(job, reason)
-        self.streamer.drop(request_id)
+            self._fail(job, reason)  # the streamer forgets what it held for the job
         if parked:  # nothing was pushed from its blocks: free them now
             eng.release_draining(request_id)
         return out
