@@ -3,10 +3,12 @@
 Two experiments, each starting real deployments (router + worker processes) one after another:
 
 `exposed` — what remote prefill costs a request in time to first token. The same 1P1D deployment
-(cuda_ipc, layer-wise streaming) is started three times: sending every long prompt to the prefill
-worker as the router routes it (early prefill, the default), the same with `--no-early-prefill`
-(the job reaches the queue after the decode worker's decision), and with the remote threshold above
-the prompt length so the decode worker prefills it itself. Same prompts (fresh ones each repeat, so the prefix cache never helps), one at a time.
+(cuda_ipc, layer-wise streaming) is started four times: sending every long prompt to the prefill
+worker as the router routes it (early prefill, the default, with the first token streamed from the
+prefill worker), the same with `--no-first-token-from-prefill` (the first token comes through the
+decode worker), with `--no-early-prefill` as well (the job reaches the queue after the decode
+worker's decision), and with the remote threshold above the prompt length so the decode worker
+prefills it itself. Same prompts (fresh ones each repeat, so the prefix cache never helps), one at a time.
 Exposed transfer time = TTFT(remote) - TTFT(local); the transfer's own time is the request's KV
 bytes over the cuda_ipc copy bandwidth measured by `gpu_suite.py` (`--copy-gbps`).
 
@@ -138,18 +140,22 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
     base = ["--model", args.model, *placement(args), "--prefill", "1", "--decode", "1"]
     base += ["--transport", args.transport, "--max-num-batched-tokens", str(max(8192, args.prompt_len))]
     base += ["--kv-layers-per-chunk", str(args.layers_per_chunk)]
-    # remote: the router queues the prefill as it routes (the default); remote-after-decision: the
-    # decode worker reserves blocks first and the job reaches the queue through it.
+    # remote: the router queues the prefill as it routes and streams the first token from the
+    # prefill worker (the defaults); remote-via-decode: the first token comes through the decode
+    # worker; remote-after-decision: the decode worker reserves blocks first and the job reaches the
+    # queue through it.
+    via_decode = ["--no-first-token-from-prefill"]
     paths = {
         "remote": ["--remote-prefill-threshold", "1"],
-        "remote-after-decision": ["--remote-prefill-threshold", "1", "--no-early-prefill"],
+        "remote-via-decode": ["--remote-prefill-threshold", "1", *via_decode],
+        "remote-after-decision": ["--remote-prefill-threshold", "1", "--no-early-prefill", *via_decode],
         "local": ["--remote-prefill-threshold", str(10 * args.prompt_len)],
     }
     for path, flags in paths.items():
         server = Server([*base, *flags], args.out / f"exposed-{path}.log")
         try:
             warm_up(server.url, args.model)
-            ttfts, phases = [], []
+            ttfts, seconds, phases = [], [], []
             for i in range(args.repeats):
                 spec = RequestSpec(
                     0, random_prompt(random.Random(1000 + i), args.prompt_len, vocab_size(args.model)), 2, 0.0
@@ -158,10 +164,15 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
                 if not res.ok:
                     raise RuntimeError(f"{path} request failed: {res.error}")
                 ttfts.append(res.ttft_s)
+                seconds.append(res.chunk_times[1] if len(res.chunk_times) > 1 else float("nan"))
                 phases.append(res.phases)
             report["runs"][path] = {
                 "ttft_s": ttfts,
                 "ttft_p50_s": statistics.median(ttfts),
+                # The second token: where a first token streamed ahead of the KV's completion
+                # leaves that completion's cost.
+                "second_token_s": seconds,
+                "second_token_p50_s": statistics.median(seconds),
                 "phase_p50_ms": phase_medians(phases),
                 "phases": phases,
                 "decisions": decisions(server.metrics()),
@@ -171,9 +182,13 @@ def exposed(args: argparse.Namespace) -> dict[str, Any]:
     kv_bytes = args.prompt_len * 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
     own_s = kv_bytes / (args.copy_gbps * 1e9) if args.copy_gbps else float("nan")
     gap = report["runs"]["remote"]["ttft_p50_s"] - report["runs"]["local"]["ttft_p50_s"]
-    report["exposed_after_decision_s"] = (
-        report["runs"]["remote-after-decision"]["ttft_p50_s"] - report["runs"]["local"]["ttft_p50_s"]
-    )
+    local = report["runs"]["local"]
+    for path in ("remote-via-decode", "remote-after-decision"):
+        report[f"exposed_{path}_s"] = report["runs"][path]["ttft_p50_s"] - local["ttft_p50_s"]
+    report["second_token_exposed_s"] = {
+        path: run_["second_token_p50_s"] - local["second_token_p50_s"]
+        for path, run_ in report["runs"].items()
+    }
     report["kv_bytes"] = kv_bytes
     report["transfer_own_s"] = own_s
     report["exposed_s"] = gap

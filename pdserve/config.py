@@ -207,6 +207,13 @@ class WorkerConfig:
             "own policy), so the prefill runs while the decode worker reserves blocks for its KV"
         ),
     )
+    first_token_from_prefill: bool = field(
+        default=True,
+        metadata=_help(
+            "router: stream a remote prefill's first token from the prefill worker as soon as it is "
+            "sampled, not after the KV's completion has reached the decode worker"
+        ),
+    )
     max_whole_per_prefill_worker: int = field(
         default=16,
         metadata=_help(

@@ -38,6 +38,13 @@ def fault_destination_delay_s() -> float:
     return float(os.environ.get("PDSERVE_FAULT_DESTINATION_DELAY_S", "0") or 0)
 
 
+def fault_first_token_shift() -> int:
+    """PDSERVE_FAULT_FIRST_TOKEN_SHIFT: fault injection for tests and drills; a prefill worker adds
+    this to the first token id it streams to the router (not the one it sends the decode worker), so
+    the two disagree and the router must recover (router/direct_first_token.py). Default 0."""
+    return int(os.environ.get("PDSERVE_FAULT_FIRST_TOKEN_SHIFT", "0") or 0)
+
+
 def cache_dir() -> Path:
     """PDSERVE_CACHE_DIR: where derived files are kept between runs, e.g. tokenizers rebuilt from
     GGUF metadata (default ~/.cache/pdserve)."""

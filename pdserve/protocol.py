@@ -17,7 +17,7 @@ import msgpack
 from pdserve.outputs import RequestOutput, TokenLogprob, merge_outputs
 from pdserve.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 
 class ProtocolError(ValueError):
@@ -132,6 +132,9 @@ class PrefillJob:
     # Wall-clock marks (time.time()) of the request's control path so far; each side adds its own
     # and the first TokenChunk carries them all to the router (see pdserve/trace.py).
     trace: dict[str, float] = field(default_factory=dict)
+    # The router streams the first token from the prefill worker as soon as it is sampled
+    # (router/direct_first_token.py): the prefill worker sends it a PrefillFirstToken as well.
+    first_token_to_router: bool = False
 
     @property
     def has_destination(self) -> bool:
@@ -346,6 +349,21 @@ class PrefillDone:
 
 
 @dataclass
+class PrefillFirstToken:
+    """Prefill worker → router, for a job with first_token_to_router: the first token as the decode
+    worker will stream it (text from the same incremental detokenizer over the same prompt), sent
+    the moment it is sampled, before the KV's completion reaches the decode worker. Only for a
+    token that does not end the request (no EOS, stop token or stop string)."""
+
+    request_id: str
+    token_id: int
+    text: str
+    logprob: list[Any] | None  # [token_id, logprob, [[id, lp], ...]]
+    num_prompt_tokens: int
+    trace: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class PrefillFailed:
     request_id: str
     error: str
@@ -364,7 +382,7 @@ _TYPES: dict[str, type] = {
     for cls in (
         KVLayout, WorkerInfo, WorkerLoad, GenerateRequest, PrefillJob, TokenChunk, AbortRequest,
         KVHello, KVChallenge, KVHelloAck, NcclRendezvous, NixlEndpoint, KVLayerChunk, PrefillDone,
-        PrefillFailed,
+        PrefillFailed, PrefillFirstToken,
         PrefillJobPull, PrefillDeclined, PrefillDestination,
     )
 }  # fmt: skip

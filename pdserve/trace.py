@@ -14,6 +14,8 @@ The marks, in the order a remote prefill passes them (a local prefill has the wo
     prefill.admitted      its engine thread queued the job
     prefill.launched      the job's first forward was launched
     prefill.sampled       its first token was read on the host
+    prefill.first_token_sent  the first token left for the router (router/direct_first_token.py;
+                          the router's own `first_token` is when it streamed it)
     prefill.done_queued   cuda_ipc: the fingerprint launched, the completion queued to the send thread
     prefill.done_dequeued cuda_ipc: the send thread took it
     prefill.fingerprint_read  cuda_ipc: the fingerprint read back from the GPU

@@ -57,6 +57,9 @@ class KVStreamer:
         # (no destination yet)
         self._unsent: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.parked: dict[str, _Parked] = {}
+        # Called with each job's first token as soon as it is sampled, destination or not (the
+        # worker streams it to the router: router/direct_first_token.py). Engine thread.
+        self.on_first_token: Callable[[Request, int, TokenLogprob | None], None] | None = None
 
     # ---- destinations that come late ----
 
@@ -183,6 +186,8 @@ class KVStreamer:
         job = req.kv_job
         assert job is not None
         mark(job.trace, "prefill.sampled")
+        if self.on_first_token is not None:
+            self.on_first_token(req, token_id, logprob)
         if not self._resolve(job):
             self.parked[req.request_id] = _Parked(req, token_id, logprob)
             return False

@@ -75,6 +75,7 @@ def serve_deployment(
                 args.routing,
                 whole_policy(worker_defaults),
                 worker_defaults.early_prefill,
+                worker_defaults.first_token_from_prefill,
             )
         )
     except KeyboardInterrupt:
@@ -114,6 +115,7 @@ async def _serve_router(
     routing: str,
     whole: WholePolicy | None,
     early_prefill: bool,
+    first_token_from_prefill: bool,
 ) -> None:
     import uvicorn
 
@@ -126,8 +128,9 @@ async def _serve_router(
     token = envs.internal_token(secret)
     tokenizer = await asyncio.to_thread(load_tokenizer, engine_cfg.model)
     client = DisaggClient(
-        [w.url for w in deployment.workers], token, tokenizer, routing, whole, early_prefill=early_prefill
-    )
+        [w.url for w in deployment.workers], token, tokenizer, routing, whole,
+        early_prefill=early_prefill, first_token_from_prefill=first_token_from_prefill,
+    )  # fmt: skip
     await client.start()
     if engine_cfg.model.served_model_name:
         client.model_name = engine_cfg.model.served_model_name

@@ -25,17 +25,22 @@ from pdserve.engine.client import EngineStats
 from pdserve.outputs import RequestOutput
 from pdserve.protocol import (
     AbortRequest,
-    FrameReader,
     GenerateRequest,
     PrefillDeclined,
+    PrefillFirstToken,
     PrefillJob,
     ProtocolError,
     TokenChunk,
-    WorkerInfo,
     WorkerLoad,
-    decode,
-    encode,
     params_to_dict,
+)
+from pdserve.router.direct_first_token import (
+    FirstTokenInboxes,
+    as_original,
+    continuation_params,
+    direct_output,
+    relay,
+    strip_first,
 )
 from pdserve.router.early_prefill import EarlyPrefills
 from pdserve.router.health import WorkerHealth
@@ -44,13 +49,11 @@ from pdserve.router.prefill_queue import PrefillQueue
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request_events import RequestEvents
 from pdserve.router.whole_policy import PrefillCandidate, WholePolicy, choose_whole_target
+from pdserve.router.worker_calls import fetch_info, follow_first_tokens, post_abort, stream_generate
 from pdserve.router.worker_handle import WorkerHandle
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# Outer bound between two frames of one stream; the decode worker has its own, shorter deadlines.
-STREAM_READ_TIMEOUT_S = 600.0
 
 
 class _FailedBeforeOutput(Exception):
@@ -66,6 +69,7 @@ class DisaggClient(WorkerHealth):
         routing: str = "kv_aware",
         whole: WholePolicy | None = None,
         early_prefill: bool = True,
+        first_token_from_prefill: bool = True,
     ) -> None:
         if routing not in ("kv_aware", "round_robin"):
             raise ValueError(f"routing must be kv_aware|round_robin, got {routing!r}")
@@ -88,10 +92,13 @@ class DisaggClient(WorkerHealth):
         self.early = (
             EarlyPrefills(self.queue, self._http, self.workers, self._post_abort) if early_prefill else None
         )
+        # Remote prefills whose first token the prefill worker streams here (router/direct_first_token.py).
+        self.first_tokens = FirstTokenInboxes() if first_token_from_prefill else None
         self.prefix_index: PrefixIndex | None = None
         self.model_name = ""
         self.max_model_len = 0
         self._poller: asyncio.Task[None] | None = None
+        self._feeds: list[asyncio.Task[None]] = []  # one per prefill worker: its first tokens
         self._streams: dict[str, str] = {}  # request id -> the worker streaming it
         # Called once per request when its first chunk arrives: (events) → metrics.
         self.on_first_chunk: Callable[[RequestEvents], None] | None = None
@@ -100,7 +107,7 @@ class DisaggClient(WorkerHealth):
 
     async def start(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
-        infos = await asyncio.gather(*(self._fetch_info(url, deadline) for url in self.worker_urls))
+        infos = await asyncio.gather(*(fetch_info(self._http, url, deadline) for url in self.worker_urls))
         for info in infos:
             self.workers[info.worker_id] = WorkerHandle(info)
         decoders = self.decode_workers(healthy_only=False)
@@ -122,26 +129,19 @@ class DisaggClient(WorkerHealth):
         self.model_name = ref.model_name
         self.max_model_len = min(w.info.max_model_len for w in decoders)
         self.prefix_index = PrefixIndex(ref.layout.block_size)
-        self._poller = asyncio.get_running_loop().create_task(self._poll_loop())
+        loop = asyncio.get_running_loop()
+        self._poller = loop.create_task(self._poll_loop())
+        if self.first_tokens is not None:
+            self._feeds = [
+                loop.create_task(follow_first_tokens(self._http, w, self.first_tokens.deliver))
+                for w in self.prefill_workers(healthy_only=False)
+            ]
 
     async def shutdown(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in [self._poller, *self._feeds]:
+            if task is not None:
+                task.cancel()
         await self._http.aclose()
-
-    async def _fetch_info(self, url: str, deadline: float) -> WorkerInfo:
-        while True:
-            try:
-                resp = await self._http.get(f"{url}/worker/info")
-                if resp.status_code == 200:
-                    return decode(resp.content, WorkerInfo)
-                if resp.status_code == 401:
-                    raise PermissionError(f"worker {url} refused our token: secrets differ")
-            except (httpx.HTTPError, ProtocolError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker {url} did not come up in time")
-            await asyncio.sleep(0.2)
 
     # ---- pools ----
 
@@ -277,43 +277,61 @@ class DisaggClient(WorkerHealth):
         )  # fmt: skip
         events = RequestEvents(worker.worker_id, arrival=arrival, routed=time.monotonic())
         self._streams[request_id] = worker.worker_id
+        stream: AsyncIterator[object] = stream_generate(self._http, worker, body)
+        if early is not None and self.first_tokens is not None:
+            early.first_token_to_router = True
+            stream = relay(stream, self.first_tokens.open(request_id))
+        direct: PrefillFirstToken | None = None  # the first token, if the prefill worker's came first
+        disagreed: TokenChunk | None = None  # the decode worker's first chunk, if it has another token
         finished = False
         sent = False
         try:
             if early is not None:
                 events.enqueued = time.monotonic()
                 await self.queue.put(early)
-            async for msg in self._stream(worker, body):
-                if isinstance(msg, PrefillJob):
-                    if self.early is not None and early is not None:
-                        await self.early.route_destination(msg, worker, len(self.prefill_workers()))
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for msg in stream:
+                    if isinstance(msg, PrefillFirstToken):
+                        if sent:
+                            continue  # the decode worker's came first
+                        direct, sent = msg, True
+                        events.first_token = time.monotonic()
+                        yield direct_output(msg)
                         continue
-                    events.enqueued = time.monotonic()
-                    await self.queue.put(msg)
-                    continue
-                if isinstance(msg, PrefillDeclined):
-                    assert self.early is not None
-                    await self.early.withdraw(request_id)
-                    events.enqueued = None
-                    continue
-                if msg.prefill_path is not None:
-                    events.first_token = time.monotonic()
-                    events.pulled = self.queue.pulled_at(request_id)
-                    self.queue.done(request_id)
-                    events.prefill_path, events.kv_bytes, events.kv_seconds = (
-                        msg.prefill_path,
-                        msg.kv_bytes,
-                        msg.kv_seconds,
-                    )
-                    events.trace = msg.trace or {}
-                    if self.on_first_chunk is not None:
-                        self.on_first_chunk(events)
-                out = msg.to_output()
-                finished = out.finished
-                if finished:
-                    out.phases = events.phases(time.monotonic())
-                sent = True
-                yield out
+                    if isinstance(msg, PrefillJob):
+                        if self.early is not None and early is not None:
+                            msg.first_token_to_router = early.first_token_to_router
+                            await self.early.route_destination(msg, worker, len(self.prefill_workers()))
+                            continue
+                        events.enqueued = time.monotonic()
+                        await self.queue.put(msg)
+                        continue
+                    if isinstance(msg, PrefillDeclined):
+                        assert self.early is not None
+                        await self.early.withdraw(request_id)
+                        events.enqueued = None
+                        continue
+                    assert isinstance(msg, TokenChunk)
+                    if msg.prefill_path is not None:
+                        self._first_chunk(msg, events, direct)
+                        if direct is not None:
+                            stripped = strip_first(msg, direct)
+                            if stripped is None:
+                                disagreed = msg
+                                break
+                            msg = stripped
+                    out = msg.to_output()
+                    finished = out.finished
+                    if finished:
+                        out.phases = events.phases(time.monotonic())
+                    if out.new_token_ids or finished or out.new_text:
+                        sent = True
+                        yield out
+            if disagreed is not None and direct is not None:
+                rest = self._continue(request_id, prompt_token_ids, params, worker, direct, disagreed)
+                async for out in rest:
+                    finished = out.finished
+                    yield out
             if not finished:
                 raise ConnectionError(f"the {worker.info.role} worker's stream ended early")
         except (httpx.HTTPError, ConnectionError, ProtocolError) as e:
@@ -328,26 +346,54 @@ class DisaggClient(WorkerHealth):
             )  # fmt: skip
         finally:
             self._streams.pop(request_id, None)
+            if self.first_tokens is not None:
+                self.first_tokens.close(request_id)
             if not finished:
                 await asyncio.shield(self._abort_everywhere(request_id, worker))
             if self.early is not None:
                 self.early.forget(request_id)
 
-    async def _stream(
-        self, worker: WorkerHandle, body: GenerateRequest
-    ) -> AsyncIterator[PrefillJob | PrefillDeclined | TokenChunk]:
-        timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT_S)
-        async with self._http.stream(
-            "POST", f"{worker.info.url}/worker/generate", content=encode(body), timeout=timeout
-        ) as resp:
-            if resp.status_code != 200:
-                raise ConnectionError(f"HTTP {resp.status_code} from {worker.worker_id}")
-            reader = FrameReader()
-            async for data in resp.aiter_raw():
-                for msg in reader.feed(data):
-                    if not isinstance(msg, PrefillJob | PrefillDeclined | TokenChunk):
-                        raise ProtocolError(f"unexpected {type(msg).__name__} in a generate stream")
-                    yield msg
+    def _first_chunk(self, msg: TokenChunk, events: RequestEvents, direct: PrefillFirstToken | None) -> None:
+        """The decode worker's first chunk: how the prompt was prefilled, and the path's marks."""
+        if self.first_tokens is not None:
+            self.first_tokens.close(msg.request_id)  # a first token posted later is not needed
+        if events.first_token is None:
+            events.first_token = time.monotonic()
+        events.pulled = self.queue.pulled_at(msg.request_id)
+        self.queue.done(msg.request_id)
+        events.prefill_path, events.kv_bytes, events.kv_seconds = (
+            msg.prefill_path,
+            msg.kv_bytes,
+            msg.kv_seconds,
+        )
+        events.trace = {**direct.trace, **(msg.trace or {})} if direct is not None else msg.trace or {}
+        if self.on_first_chunk is not None:
+            self.on_first_chunk(events)
+
+    async def _continue(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        worker: WorkerHandle,
+        direct: PrefillFirstToken,
+        theirs: TokenChunk,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """The client has the prefill worker's first token, the decode worker sampled another (it
+        prefilled the prompt itself after a failed transfer): serve the rest as a continuation of
+        prompt + the client's token, under a request id of its own."""
+        logger.warning(
+            "[%s] first token %d streamed from the prefill worker, the decode worker has %s: "
+            "continuing from the streamed one", request_id, direct.token_id, theirs.new_token_ids[:1],
+        )  # fmt: skip
+        await self._abort_everywhere(request_id, worker)
+        rest = self._serve(
+            f"{request_id}-cont", [*prompt_token_ids, direct.token_id], continuation_params(params),
+            worker, time.monotonic(),
+        )  # fmt: skip
+        async with contextlib.aclosing(rest) as outs:
+            async for out in outs:
+                yield as_original(out, request_id)
 
     async def abort(self, request_id: str) -> None:
         wid = self._streams.get(request_id)
@@ -364,7 +410,4 @@ class DisaggClient(WorkerHealth):
         await asyncio.gather(*calls)
 
     async def _post_abort(self, worker: WorkerHandle, msg: AbortRequest) -> None:
-        try:
-            await self._http.post(f"{worker.info.url}/worker/abort", content=encode(msg), timeout=5.0)
-        except httpx.HTTPError as e:
-            logger.warning("[%s] abort to %s failed: %s", msg.request_id, worker.worker_id, e)
+        await post_abort(self._http, worker, msg)

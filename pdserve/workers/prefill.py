@@ -18,16 +18,19 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from pdserve import envs
 from pdserve.config import EngineConfig, WorkerConfig
 from pdserve.engine.async_llm import AsyncLLM
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_output import KVStreamer
+from pdserve.engine.request import Request
 from pdserve.kv_transfer import make_sender
-from pdserve.outputs import RequestOutput
+from pdserve.outputs import RequestOutput, TokenLogprob
 from pdserve.protocol import (
     AbortRequest,
     GenerateRequest,
     PrefillDestination,
+    PrefillFirstToken,
     PrefillJob,
     PrefillJobPull,
     TokenChunk,
@@ -35,9 +38,11 @@ from pdserve.protocol import (
     WorkerLoad,
     decode,
     encode,
+    frame,
 )
 from pdserve.trace import mark
 from pdserve.workers.common import kv_layout, worker_load
+from pdserve.workers.first_token import first_token_message
 from pdserve.workers.generate_stream import stream_frames
 
 logger = logging.getLogger(__name__)
@@ -71,22 +76,35 @@ class PrefillWorker:
             self.sender, engine.kv_caches, engine.block_manager.block_size, cfg.kv_layers_per_chunk
         )
         engine.kv_streamer = self.streamer
+        self.streamer.on_first_token = self._first_token_sampled
         self._jobs: dict[str, PrefillJob] = {}  # in flight here
         # Jobs that failed or were aborted here before their destination was known: the decode
         # worker is told once it arrives (request id -> (error, the job's deadline)).
         self._failed: dict[str, tuple[str, float]] = {}
         self._puller: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._router: httpx.AsyncClient | None = None  # pulls jobs
+        # The routers following this worker's first tokens (`first_tokens`): one queue of frames each.
+        self._feeds: set[asyncio.Queue[bytes]] = set()
+        self._first_token_shift = envs.fault_first_token_shift()
         self.llm.on_tick = self._tick
         self.llm.abort_fn = lambda eng, rid: self._end(eng, rid, "aborted on the prefill worker")
 
     def start(self) -> None:
+        assert self.cfg.router_url is not None
+        self._loop = asyncio.get_running_loop()
+        self._router = httpx.AsyncClient(
+            base_url=self.cfg.router_url, headers={"x-pdserve-token": self.token}, timeout=10.0
+        )
         self.llm.start()
-        self._puller = asyncio.get_running_loop().create_task(self._pull_loop())
+        self._puller = self._loop.create_task(self._pull_loop())
 
     async def shutdown(self) -> None:
         if self._puller is not None:
             self._puller.cancel()
         await self.llm.shutdown()
+        if self._router is not None:
+            await self._router.aclose()
         self.sender.close()
 
     def info(self) -> WorkerInfo:
@@ -128,31 +146,30 @@ class PrefillWorker:
         return stats.num_waiting < 1 and stats.num_running < max_seqs
 
     async def _pull_loop(self) -> None:
-        assert self.cfg.router_url is not None
-        headers = {"x-pdserve-token": self.token}
-        async with httpx.AsyncClient(base_url=self.cfg.router_url, headers=headers, timeout=10.0) as client:
-            while True:
-                if not self._has_room():
-                    await asyncio.sleep(0.005)
-                    continue
-                try:
-                    resp = await client.post(
-                        "/internal/prefill/pull",
-                        content=encode(PrefillJobPull(self.worker_id, _PULL_TIMEOUT_S)),
-                    )
-                except httpx.HTTPError as e:
-                    logger.debug("prefill pull failed: %s", e)
-                    await asyncio.sleep(_RETRY_S)
-                    continue
-                if resp.status_code == 204:
-                    continue
-                if resp.status_code != 200:
-                    logger.warning("prefill pull: HTTP %d %s", resp.status_code, resp.text[:200])
-                    await asyncio.sleep(_RETRY_S)
-                    continue
-                job = decode(resp.content, PrefillJob)
-                mark(job.trace, "prefill.received")
-                await self._start_job(job)
+        client = self._router
+        assert client is not None
+        while True:
+            if not self._has_room():
+                await asyncio.sleep(0.005)
+                continue
+            try:
+                resp = await client.post(
+                    "/internal/prefill/pull",
+                    content=encode(PrefillJobPull(self.worker_id, _PULL_TIMEOUT_S)),
+                )
+            except httpx.HTTPError as e:
+                logger.debug("prefill pull failed: %s", e)
+                await asyncio.sleep(_RETRY_S)
+                continue
+            if resp.status_code == 204:
+                continue
+            if resp.status_code != 200:
+                logger.warning("prefill pull: HTTP %d %s", resp.status_code, resp.text[:200])
+                await asyncio.sleep(_RETRY_S)
+                continue
+            job = decode(resp.content, PrefillJob)
+            mark(job.trace, "prefill.received")
+            await self._start_job(job)
 
     async def _start_job(self, job: PrefillJob) -> None:
         rid = job.request_id
@@ -177,6 +194,40 @@ class PrefillWorker:
         forward has ended is flushed on the engine thread."""
         self.streamer.offer_destination(dest)
         self.llm.submit(lambda eng: self._after_destination(eng, dest))
+
+    # ---- the first token, straight to the router (router/direct_first_token.py) ----
+
+    def _first_token_sampled(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Engine thread, at sampling: the router streams it while the completion is on its way."""
+        job = req.kv_job
+        assert job is not None and self._loop is not None
+        if not job.first_token_to_router:
+            return
+        eng = self.llm.engine
+        if self._first_token_shift:  # fault injection: a first token the decode worker disagrees with
+            token_id, logprob = (token_id + self._first_token_shift) % eng.arch.vocab_size, None
+        msg = first_token_message(job, token_id, logprob, eng.tokenizer, eng.eos_token_ids, job.trace)
+        if msg is not None:
+            self._loop.call_soon_threadsafe(self._feed_first_token, msg)
+
+    def _feed_first_token(self, msg: PrefillFirstToken) -> None:
+        """Event loop: onto every router's feed; with none following, the decode worker's stream
+        still carries the token."""
+        mark(msg.trace, "prefill.first_token_sent")
+        data = frame(msg)
+        for feed in self._feeds:
+            feed.put_nowait(data)
+
+    async def first_tokens(self) -> AsyncIterator[bytes]:
+        """A router's feed of this worker's first tokens (`GET /worker/prefill/first_tokens`): one
+        long-lived stream, so each token costs a frame on an open connection, not a request."""
+        feed: asyncio.Queue[bytes] = asyncio.Queue()
+        self._feeds.add(feed)
+        try:
+            while True:
+                yield await feed.get()
+        finally:
+            self._feeds.discard(feed)
 
     # ---- engine thread ----
 

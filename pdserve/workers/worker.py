@@ -8,6 +8,8 @@ Routes (msgpack bodies, loopback by default, token-checked except /health):
                           and colocated roles; a prefill worker serves the whole requests a router
                           with --prefill-serves-whole sends it)
   POST /worker/abort      AbortRequest
+  POST /worker/prefill/destination  PrefillDestination (prefill role)
+  GET  /worker/prefill/first_tokens stream of PrefillFirstToken frames, for the router (prefill role)
 """
 
 from __future__ import annotations
@@ -116,6 +118,15 @@ def build_worker_app(make_role: object, token: str) -> FastAPI:
             return Response(str(e), status_code=400)
         set_destination(msg)
         return Response(status_code=200)
+
+    @app.get("/worker/prefill/first_tokens")
+    async def first_tokens(request: Request) -> Response:
+        if not authorized(request):
+            return Response(status_code=401)
+        feed = getattr(holder["role"], "first_tokens", None)
+        if feed is None:
+            return Response("not a prefill worker", status_code=404)
+        return StreamingResponse(feed(), media_type=MSGPACK)
 
     @app.post("/worker/generate")
     async def generate(request: Request) -> Response:

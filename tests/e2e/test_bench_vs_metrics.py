@@ -57,8 +57,12 @@ REMOTE_MARKS = [
     "arrival", "routed", "enqueued", "pulled", "prefill.received", "prefill.admitted",
     "prefill.launched", "prefill.sampled", "prefill.done_sent", "decode.done_received",
     "decode.kv_checked", "decode.completed", "decode.delivered", "worker.output_received",
-    "worker.first_frame", "first_token", "end",
+    "worker.first_frame", "end",
 ]  # fmt: skip
+# The first token streamed by the router: from the prefill worker (router/direct_first_token.py),
+# or, where the decode worker's came first (both race on a CPU), through the decode worker.
+DIRECT_MARKS = ["prefill.sampled", "prefill.first_token_sent", "first_token", "end"]
+VIA_DECODE_MARKS = ["worker.first_frame", "first_token", "end"]
 # The decode side's, meanwhile: its decision comes before any KV can reach it.
 DECODE_MARKS = ["enqueued", "worker.received", "worker.admitted", "decode.done_received"]
 LOCAL_MARKS = [
@@ -89,6 +93,7 @@ def test_router_sends_phase_timestamps_of_a_remote_prefill(tmp_path: Path) -> No
     # Every hop of the control path is stamped, in the order the request passes them.
     _in_order(ph, REMOTE_MARKS)
     _in_order(ph, DECODE_MARKS)
+    _in_order(ph, DIRECT_MARKS if "prefill.first_token_sent" in ph else VIA_DECODE_MARKS)
     assert local.ok and local.phases is not None, local
     assert local.phases["prefill_path"] == "local"
     _in_order(local.phases, LOCAL_MARKS)
