@@ -57,7 +57,8 @@ def deployments(perf: PerfModel, threshold: int) -> dict[str, Deployment]:
         kv_bytes_per_token=perf.kv_bytes_per_token,
         max_local_prefill_tokens=threshold,
     )
-    disagg = Deployment(prefill=1, decode=1, fabric="nvlink", policy=policy, **base)  # type: ignore[arg-type]
+    # Early prefill: the router queues a long prompt's job as it routes it (the serving default).
+    disagg = Deployment(prefill=1, decode=1, fabric="nvlink", policy=policy, early_prefill=True, **base)  # type: ignore[arg-type]
     return {
         "1P1D": disagg,
         # gpu_serving.py's 1P1D-whole: idle prefill worker serving short requests whole, up to 128.

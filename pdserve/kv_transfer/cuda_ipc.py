@@ -207,6 +207,12 @@ class CudaIpcKVSender(SocketKVSender):
         # The send thread reads fingerprints through a stream of its own: a copy on the engine's
         # stream would wait for everything queued there (the rest of the forward).
         self._side: torch.cuda.Stream | None = None
+        # The copies (and fingerprints) run on a stream of their own, each after the layers that
+        # wrote its KV: on the forward's stream, every layer's compute would wait for the previous
+        # layer's copy over NVLink. Nothing on the forward's stream may reuse a source block or a
+        # staging buffer before they have been read: it waits for this stream when a request's
+        # pushes end (seal, _forget).
+        self._copies: torch.cuda.Stream | None = None
         self.fingerprint_stride = envs.kv_fingerprint_stride()
 
     def _peer(self, job: PrefillJob) -> _Peer:
@@ -235,8 +241,9 @@ class CudaIpcKVSender(SocketKVSender):
         slots: torch.Tensor,
         start: int,
     ) -> None:
-        """Engine thread: queue the copy on the current stream (ordered after the layers that wrote
-        this KV, before anything that could overwrite it), then hand the header to the send thread."""
+        """Engine thread: queue the copy on the copy stream, after everything queued so far on the
+        forward's stream (the layers that wrote this KV, the slot upload), then hand the header to
+        the send thread."""
         rid = job.request_id
         if rid in self.aborted:
             return
@@ -258,13 +265,26 @@ class CudaIpcKVSender(SocketKVSender):
         views, dst_table = self._mapped[(peer.host, peer.port)]
         src_slots, dst_slots = self._device_slots(job, start, slots, kv_caches[0].device)
         like = kv_caches[0]
-        copy_slots(
-            self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
-            layer_start, layer_end, src_slots, dst_slots,
-        )  # fmt: skip
-        copied = torch.cuda.Event()
-        copied.record()
+        copies = self._copy_stream(like.device)
+        copies.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(copies):
+            copy_slots(
+                self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
+                layer_start, layer_end, src_slots, dst_slots,
+            )  # fmt: skip
+            copied = torch.cuda.Event()
+            copied.record()
         peer.queue.put(_Item("kv", job, (copied, layer_end, start + len(slots)), layer_start, start))
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(device)
+        return self._copies
+
+    def _join_copies(self) -> None:
+        """The forward's stream waits for every copy and fingerprint queued so far."""
+        if self._copies is not None:
+            torch.cuda.current_stream(self._copies.device).wait_stream(self._copies)
 
     def prepare_from_cache(
         self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
@@ -322,13 +342,17 @@ class CudaIpcKVSender(SocketKVSender):
         ranges = [(staging.device[:n], start) for (r, start), (staging, n) in self._slots.items() if r == rid]
         if ranges and self._src is not None:
             caches, table = self._src
-            total = torch.zeros(1, dtype=torch.int64, device=caches[0].device)
-            for src, start in ranges:
-                part = src[sampled(start, len(src), stride, offset)]
-                fingerprint_slots(table, caches[0], 0, len(caches), part.contiguous(), out=total)
-            ready = torch.cuda.Event()
-            ready.record()
+            copies = self._copy_stream(caches[0].device)
+            copies.wait_stream(torch.cuda.current_stream(caches[0].device))  # after the last layer
+            with torch.cuda.stream(copies):
+                total = torch.zeros(1, dtype=torch.int64, device=caches[0].device)
+                for src, start in ranges:
+                    part = src[sampled(start, len(src), stride, offset)]
+                    fingerprint_slots(table, caches[0], 0, len(caches), part.contiguous(), out=total)
+                ready = torch.cuda.Event()
+                ready.record()
             self._fingerprints[rid] = (ready, total)
+            self._join_copies()  # before the blocks can be reused (the forward's end is near)
 
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
         """Engine thread: the send thread puts the request's fingerprint (sealed in the forward, or
@@ -344,6 +368,7 @@ class CudaIpcKVSender(SocketKVSender):
         super().send_failed(job, error)
 
     def _forget(self, request_id: str) -> None:
+        self._join_copies()  # a failed job's copies may still read its blocks and staging
         for key in [k for k in self._slots if k[0] == request_id]:
             # Reusable at once: later uploads into it are queued behind this request's copies.
             self._free_staging.append(self._slots.pop(key)[0])
