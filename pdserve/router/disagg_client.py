@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 
-from pdserve.engine.client import EngineStats
 from pdserve.outputs import RequestOutput
 from pdserve.protocol import (
     AbortRequest,
@@ -31,7 +30,6 @@ from pdserve.protocol import (
     PrefillJob,
     ProtocolError,
     TokenChunk,
-    WorkerLoad,
     params_to_dict,
 )
 from pdserve.router.direct_first_token import (
@@ -145,18 +143,6 @@ class DisaggClient(WorkerHealth):
 
     # ---- pools ----
 
-    def decode_workers(self, healthy_only: bool = True) -> list[WorkerHandle]:
-        return [
-            w for w in self.workers.values()
-            if w.info.role in ("decode", "colocated") and (w.healthy or not healthy_only)
-        ]  # fmt: skip
-
-    def prefill_workers(self, healthy_only: bool = True) -> list[WorkerHandle]:
-        return [
-            w for w in self.workers.values()
-            if w.info.role == "prefill" and not w.incompatible and (w.healthy or not healthy_only)
-        ]  # fmt: skip
-
     def prefill_pull_allowed(self, worker_id: str) -> str | None:
         """None if this prefill worker may take jobs; else why not."""
         w = self.workers.get(worker_id)
@@ -165,30 +151,6 @@ class DisaggClient(WorkerHealth):
         if w.incompatible:
             return f"incompatible KV layout: {w.incompatible}"
         return None
-
-    # ---- EngineClient ----
-
-    def stats(self) -> EngineStats:
-        loads = [w.load for w in self.decode_workers() if w.load is not None]
-        every = self.worker_loads()
-        # A prefill worker's own count mixes in its prefill jobs: count the whole requests it serves
-        # by the streams open on it.
-        whole = sum(self.workers[wid].info.role == "prefill" for wid in self._streams.values())
-        return EngineStats(
-            num_running=sum(x.num_running for x in loads) + whole,
-            num_waiting=sum(x.num_waiting + x.num_reserved for x in loads) + self.queue.depth,
-            num_free_blocks=sum(x.num_free_blocks for x in loads),
-            num_total_blocks=sum(x.num_total_blocks for x in loads),
-            num_preemptions=sum(x.num_preemptions for x in loads),
-            prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in loads),
-            worker_kv_usage={
-                wid: 1 - load.num_free_blocks / max(load.num_total_blocks, 1) for wid, load in every.items()
-            },
-            engine_counters={wid: load.engine_counters for wid, load in every.items()},
-        )
-
-    def worker_loads(self) -> dict[str, WorkerLoad]:
-        return {w.worker_id: w.load for w in self.workers.values() if w.load is not None and w.healthy}
 
     def _candidates(self, prompt: list[int], workers: list[WorkerHandle]) -> list[Candidate]:
         assert self.prefix_index is not None

@@ -1,6 +1,7 @@
-"""The router's view of its workers' health and load: a poll every 100 ms of each worker's
-`/worker/load` keeps its load, KV events (for the prefix index) and health fresh; a worker that stops
-answering is routed around, and a dead prefill worker's jobs fall back to local prefill at once."""
+"""The router's view of its workers' health and load: the pools, the stats they add up to, and a
+poll every 100 ms of each worker's `/worker/load` that keeps its load, KV events (for the prefix
+index) and health fresh; a worker that stops answering is routed around, and a dead prefill
+worker's jobs fall back to local prefill at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import httpx
 
+from pdserve.engine.client import EngineStats
 from pdserve.protocol import AbortRequest, ProtocolError, WorkerLoad, decode
 from pdserve.router.prefill_queue import PrefillQueue
 from pdserve.router.prefix_index import PrefixIndex
@@ -37,6 +39,42 @@ class WorkerHealth:
 
     async def _post_abort(self, worker: WorkerHandle, msg: AbortRequest) -> None:
         raise NotImplementedError
+
+    # ---- the pools, and what they report ----
+
+    def decode_workers(self, healthy_only: bool = True) -> list[WorkerHandle]:
+        return [
+            w for w in self.workers.values()
+            if w.info.role in ("decode", "colocated") and (w.healthy or not healthy_only)
+        ]  # fmt: skip
+
+    def prefill_workers(self, healthy_only: bool = True) -> list[WorkerHandle]:
+        return [
+            w for w in self.workers.values()
+            if w.info.role == "prefill" and not w.incompatible and (w.healthy or not healthy_only)
+        ]  # fmt: skip
+
+    def stats(self) -> EngineStats:
+        loads = [w.load for w in self.decode_workers() if w.load is not None]
+        every = self.worker_loads()
+        # A prefill worker's own count mixes in its prefill jobs: count the whole requests it serves
+        # by the streams open on it.
+        whole = sum(self.workers[wid].info.role == "prefill" for wid in self._streams.values())
+        return EngineStats(
+            num_running=sum(x.num_running for x in loads) + whole,
+            num_waiting=sum(x.num_waiting + x.num_reserved for x in loads) + self.queue.depth,
+            num_free_blocks=sum(x.num_free_blocks for x in loads),
+            num_total_blocks=sum(x.num_total_blocks for x in loads),
+            num_preemptions=sum(x.num_preemptions for x in loads),
+            prefix_cache_hit_tokens=sum(x.prefix_cache_hit_tokens for x in loads),
+            worker_kv_usage={
+                wid: 1 - load.num_free_blocks / max(load.num_total_blocks, 1) for wid, load in every.items()
+            },
+            engine_counters={wid: load.engine_counters for wid, load in every.items()},
+        )
+
+    def worker_loads(self) -> dict[str, WorkerLoad]:
+        return {w.worker_id: w.load for w in self.workers.values() if w.load is not None and w.healthy}
 
     async def _poll_loop(self) -> None:
         while True:
