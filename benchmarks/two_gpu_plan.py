@@ -1,17 +1,17 @@
 """`pdserve plan`'s prediction beside the two-GPU measurement of benchmarks/gpu_serving.py compare.
 
-The perf model is the engine profile measured on one GPU of the same kind (`pdserve profile`, its
-raw step timings refitted with the current fit; the profile of this run predates the GPU default
-of `--max-decode-tokens`, so it timed decode batches 1 and 16 only: rerun it with
-`--decode-batches 1,16,64,128`), plus the serving cost (per step and per streamed
-token, beyond the engine step) calibrated on ONE measured run: the lowest-rate short-only 1P1D run,
-where the decode worker serves every request alone. Every other run is out of sample. For each
-measured run, the simulator replays the same requests (same send times and lengths); the goodput
-the planner searches for is printed beside the measured one.
+The perf model is the engine profile measured on one GPU of the same kind (`pdserve profile
+--decode-batches 1,16,64,128`, its raw step timings refitted with the current fit), plus the
+serving terms (per step, per streamed token, per prompt, the wake-up of an idle deployment: what
+`pdserve calibrate` fits) calibrated on ONE measured run, the lowest-rate short-only run of the
+disaggregated deployment; where that run's requests were split between the decode worker and,
+served whole, the prefill worker, each engine's batch counts its own streams. Every other run is
+out of sample. For each measured run, the simulator replays the same requests (same send times and
+lengths); the goodput the planner searches for is printed beside the measured one.
 
     python benchmarks/two_gpu_plan.py --measured results/two_gpu/final \\
         --perf results/two_gpu/perf-gpu.json --perf-raw results/two_gpu/perf-gpu.raw.json \\
-        --out results/two_gpu/plan.json
+        --calibrate 1P1D-whole_short@16.0 --out results/two_gpu/plan.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from gpu_serving import WORKLOADS, load_runs
 
 from pdserve.bench.client import RequestResult
 from pdserve.bench.report import SLO, goodput, summarize
-from pdserve.planner.fidelity import calibrate_serving, replay
+from pdserve.planner.calibrate import calibrate
+from pdserve.planner.fidelity import engine_by_path, replay
 from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.planner import PlanWorkload, goodput_of, serve_command
@@ -35,7 +36,7 @@ from pdserve.router.whole_policy import WholePolicy
 from pdserve.workers.disagg_policy import DisaggPolicy
 
 
-def perf_model(perf: Path, raw: Path | None, calibrate_on: list[RequestResult]) -> PerfModel:
+def perf_model(perf: Path, raw: Path | None) -> PerfModel:
     model = PerfModel.load(perf)
     if raw is not None:
         timings = json.loads(raw.read_text())
@@ -43,8 +44,7 @@ def perf_model(perf: Path, raw: Path | None, calibrate_on: list[RequestResult]) 
             [PrefillStep(*r) for r in timings["prefill"]], [DecodeStep(*r) for r in timings["decode"]]
         )
         model = dataclasses.replace(model, **terms)
-    step, seq = calibrate_serving(calibrate_on, model)
-    return dataclasses.replace(model, serving_step_s=step, serving_seq_s=seq)
+    return model
 
 
 def deployments(perf: PerfModel, threshold: int) -> dict[str, Deployment]:
@@ -81,7 +81,12 @@ def main() -> None:
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     runs = load_runs(args.measured)
     cal = args.measured / f"{args.calibrate}.requests.json"
-    perf = perf_model(args.perf, args.perf_raw, [RequestResult(**r) for r in json.loads(cal.read_text())])
+    engine = perf_model(args.perf, args.perf_raw)
+    deps = deployments(engine, args.threshold)
+    # Every serving term (per step, per streamed token, per prompt, wake-up) fitted on one run; a
+    # 1PxD run's requests are split between the decode worker and, served whole, the prefill worker.
+    calibrate_on = [RequestResult(**r) for r in json.loads(cal.read_text())]
+    perf = calibrate(calibrate_on, engine, deps[args.calibrate.split("_")[0]], engine_by_path)
     perf_path = args.out.with_suffix(".perf.json")
     perf.save(perf_path)
     deps = deployments(perf, args.threshold)

@@ -31,7 +31,7 @@ import math
 import statistics
 
 from pdserve.bench.client import RequestResult
-from pdserve.planner.fidelity import calibrate_serving, replay
+from pdserve.planner.fidelity import EngineOf, calibrate_serving, replay
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.simulator import Deployment, simulate
 
@@ -167,9 +167,12 @@ def calibrate_wake(results: list[RequestResult], perf: PerfModel, dep: Deploymen
     return dataclasses.replace(model, serving_latency_s=latency, wake_s=wake, wake_tau_s=tau)
 
 
-def calibrate(results: list[RequestResult], perf: PerfModel, dep: Deployment) -> PerfModel:
-    """`perf` with every serving term fitted on `results`, a run served by deployment `dep`."""
-    step, seq = calibrate_serving(results, perf)
+def calibrate(
+    results: list[RequestResult], perf: PerfModel, dep: Deployment, engine_of: EngineOf | None = None
+) -> PerfModel:
+    """`perf` with every serving term fitted on `results`, a run served by deployment `dep`
+    (engine_of: which engine served each request, where the run split them; fidelity.py)."""
+    step, seq = calibrate_serving(results, perf, engine_of)
     perf = dataclasses.replace(perf, serving_step_s=step, serving_seq_s=seq)
     perf = dataclasses.replace(
         perf, serving_prompt_s=calibrate_prompt(results, perf, dep.max_num_batched_tokens)

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,11 +67,23 @@ def compare(
     return rows
 
 
-def decode_gaps(results: list[RequestResult]) -> list[tuple[float, int, int, int]]:
+# Which engine served a request, where a run's requests were split over several (None: one engine).
+EngineOf = Callable[[RequestResult], Hashable]
+
+
+def engine_by_path(r: RequestResult) -> Hashable:
+    """A 1PxD deployment's requests: served whole by a prefill worker, or by the decode worker."""
+    return "prefill" if (r.phases or {}).get("prefill_path") == "whole" else "decode"
+
+
+def decode_gaps(
+    results: list[RequestResult], engine_of: EngineOf | None = None
+) -> list[tuple[float, int, int, int]]:
     """(seconds, batch, context tokens, longest context) of every inter-token gap during which
     only decodes ran, i.e. no request of the run was between its arrival and its first token.
-    The batch is the requests streaming over the whole gap."""
+    The batch is the requests streaming over the whole gap on the same engine."""
     ok = [r for r in results if r.ok]
+    engine = {r.index: engine_of(r) if engine_of is not None else None for r in ok}
     tokens = {r.index: [r.start + t for t in r.chunk_times] for r in ok}
     prefilling = [(r.start, r.start + (r.ttft_s or 0.0)) for r in ok]
     gaps = []
@@ -83,20 +96,23 @@ def decode_gaps(results: list[RequestResult]) -> list[tuple[float, int, int, int
             ctx = [
                 q.prompt_len + bisect.bisect_right(tokens[q.index], a) - 1
                 for q in ok
-                if tokens[q.index][0] <= a and tokens[q.index][-1] >= b
+                if tokens[q.index][0] <= a and tokens[q.index][-1] >= b and engine[q.index] == engine[r.index]
             ]
             gaps.append((b - a, len(ctx), sum(ctx), max(ctx)))
     return gaps
 
 
-def calibrate_serving(results: list[RequestResult], perf: PerfModel) -> tuple[float, float]:
+def calibrate_serving(
+    results: list[RequestResult], perf: PerfModel, engine_of: EngineOf | None = None
+) -> tuple[float, float]:
     """(serving_step_s, serving_seq_s): what the measured decode-only gaps cost beyond the profiled
     engine step, as a cost per step plus a cost per streamed token. The median excess at each
     batch size (robust to the odd stall), then least squares over batch sizes weighted by how
-    many gaps each has, with neither term below 0."""
+    many gaps each has, with neither term below 0. engine_of: where the run's requests were split
+    over several engines, which one served each (a batch counts one engine's streams)."""
     engine = dataclasses.replace(perf, serving_step_s=0.0, serving_seq_s=0.0)
     excess: dict[int, list[float]] = {}
-    for gap, batch, ctx, longest in decode_gaps(results):
+    for gap, batch, ctx, longest in decode_gaps(results, engine_of):
         excess.setdefault(batch, []).append(gap - engine.decode_step_s(batch, ctx, longest))
     if not excess:
         return 0.0, 0.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.bench.client import RequestResult
-from pdserve.planner.fidelity import calibrate_serving, compare, format_rows, load_runs
+from pdserve.planner.fidelity import calibrate_serving, compare, engine_by_path, format_rows, load_runs
 from pdserve.planner.perf_fit import (
     DecodeStep,
     MixedStep,
@@ -80,6 +80,30 @@ def test_calibration_recovers_serving_costs_hidden_from_the_profile() -> None:
     step, seq = calibrate_serving(measured, PERF)
     assert step == pytest.approx(0.01, abs=1e-6)
     assert seq == pytest.approx(0.002, abs=1e-6)
+
+
+def test_calibration_counts_each_engines_batch_in_a_split_run() -> None:
+    """A 1P1D run whose short requests went half to the decode worker and half, whole, to the
+    prefill worker: two engines streaming at once, each with its own batch."""
+    served = replace(PERF, serving_step_s=0.01, serving_seq_s=0.002)
+    decode = simulate(
+        served, Deployment(colocated=1), [SimRequest(i, i * 0.05, 64, 40 + 7 * i) for i in range(12)]
+    )
+    whole = simulate(
+        served,
+        Deployment(colocated=1),
+        [SimRequest(100 + i, 0.02 + i * 0.05, 64, 45 + 5 * i) for i in range(12)],
+    )
+    for r in decode:
+        r.phases = {"prefill_path": "local"}
+    for r in whole:
+        r.phases = {"prefill_path": "whole"}
+    step, seq = calibrate_serving(decode + whole, PERF, engine_by_path)
+    assert step == pytest.approx(0.01, abs=1e-6)
+    assert seq == pytest.approx(0.002, abs=1e-6)
+    # Counted as one engine, every batch is the sum of both: the per-token cost comes out wrong.
+    _, seq_as_one = calibrate_serving(decode + whole, PERF)
+    assert seq_as_one != pytest.approx(0.002, abs=1e-4)
 
 
 def test_old_perf_files_load_with_the_new_terms_off(tmp_path: Path) -> None:
