@@ -270,18 +270,19 @@ class DisaggClient(WorkerHealth):
                         continue
                     if isinstance(msg, PrefillDeclined):
                         assert self.early is not None
+                        if self.first_tokens is not None and direct is None:
+                            self.first_tokens.close(request_id)  # the job is withdrawn: none will come
                         await self.early.withdraw(request_id)
                         events.enqueued = None
                         continue
                     assert isinstance(msg, TokenChunk)
                     if msg.prefill_path is not None:
-                        self._first_chunk(msg, events, direct)
-                        if direct is not None:
-                            stripped = strip_first(msg, direct)
-                            if stripped is None:
-                                disagreed = msg
-                                break
-                            msg = stripped
+                        stripped = strip_first(msg, direct) if direct is not None else msg
+                        self._first_chunk(msg, events, direct, disagrees=stripped is None)
+                        if stripped is None:
+                            disagreed = msg
+                            break
+                        msg = stripped
                     out = msg.to_output()
                     finished = out.finished
                     if finished:
@@ -315,7 +316,9 @@ class DisaggClient(WorkerHealth):
             if self.early is not None:
                 self.early.forget(request_id)
 
-    def _first_chunk(self, msg: TokenChunk, events: RequestEvents, direct: PrefillFirstToken | None) -> None:
+    def _first_chunk(
+        self, msg: TokenChunk, events: RequestEvents, direct: PrefillFirstToken | None, disagrees: bool
+    ) -> None:
         """The decode worker's first chunk: how the prompt was prefilled, and the path's marks."""
         if self.first_tokens is not None:
             self.first_tokens.close(msg.request_id)  # a first token posted later is not needed
@@ -329,6 +332,8 @@ class DisaggClient(WorkerHealth):
             msg.kv_seconds,
         )
         events.trace = {**direct.trace, **(msg.trace or {})} if direct is not None else msg.trace or {}
+        events.first_token_from = "prefill_worker" if direct is not None else "serving_worker"
+        events.first_token_disagreed = disagrees
         if self.on_first_chunk is not None:
             self.on_first_chunk(events)
 

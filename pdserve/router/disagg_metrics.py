@@ -64,12 +64,31 @@ class DisaggMetrics:
             "pdserve_prefill_queue_wait_seconds", "time a remote-prefill job waited in the queue",
             buckets=TRANSFER_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.first_token_from = Counter(
+            "pdserve_first_token_source",
+            "where the router got each request's first token: from the worker serving the request, or "
+            "from the prefill worker as soon as it was sampled (a remote prefill started early)",
+            ["source"],
+            registry=registry,
+        )
+        for source in ("serving_worker", "prefill_worker"):
+            self.first_token_from.labels(source=source)
+        self.first_token_disagreements = Counter(
+            "pdserve_first_token_disagreements",
+            "first tokens streamed from a prefill worker that the decode worker then disagreed with "
+            "(it prefilled the prompt itself after a failed transfer); the rest was served as a "
+            "continuation of the streamed token",
+            registry=registry,
+        )
         registry.register(_PoolCollector(client))
         self.client = client
         client.on_first_chunk = self.observe
 
     def observe(self, events: RequestEvents) -> None:
         self.decisions.labels(path=events.prefill_path or "local").inc()
+        self.first_token_from.labels(source=events.first_token_from).inc()
+        if events.first_token_disagreed:
+            self.first_token_disagreements.inc()
         if events.prefill_path == "remote":
             self.kv_bytes.inc(events.kv_bytes)
             self.kv_seconds.observe(events.kv_seconds)

@@ -21,6 +21,10 @@ class RequestEvents:
     routed: float = 0.0
     pulled: float | None = None
     first_token: float | None = None
+    # Who the client got the first token from: the worker serving the request, or the prefill worker
+    # straight (router/direct_first_token.py); and whether the serving worker then disagreed with it.
+    first_token_from: str = "serving_worker"
+    first_token_disagreed: bool = False
     # The workers' marks along the control path (pdserve/trace.py), wall clock.
     trace: Trace = field(default_factory=dict)
 

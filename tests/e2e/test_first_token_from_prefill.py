@@ -89,9 +89,12 @@ def test_first_token_reaches_the_client_before_the_kv_moves(
     assert second_s - first_s > 20 * KV_DELAY_S, chunks[:3]
     assert chunks[0][1] == tok.decode(ids[:1], skip_special_tokens=True)
     assert usage["prompt_tokens"] == len(prompt) and usage["completion_tokens"] == NEW_TOKENS
-    assert metric(m1, "pdserve_disagg_decisions_total", 'path="remote"') == (
-        metric(m0, "pdserve_disagg_decisions_total", 'path="remote"') + 1
-    )
+    for name, labels in (
+        ("pdserve_disagg_decisions_total", 'path="remote"'),
+        ("pdserve_first_token_source_total", 'source="prefill_worker"'),
+    ):
+        assert metric(m1, name, labels) == metric(m0, name, labels) + 1, name
+    assert metric(m1, "pdserve_first_token_disagreements_total") == 0
     assert set(slow_kv_dep.wait_idle()) == {"prefill-0", "decode-0"}
 
 
@@ -112,10 +115,14 @@ def test_a_disagreeing_decode_worker_continues_from_the_streamed_token(
     prompt = long_prompt(tok, "observatories", words=16)
     streamed = hf_greedy(smollm2_hf, prompt, 1)[0] + 1  # what the prefill worker posts
     rest = hf_greedy(smollm2_hf, [*prompt, streamed], NEW_TOKENS - 1)
+    m0 = shifted_dep.metrics()
     chunks, usage = stream(shifted_dep, prompt)
+    m1 = shifted_dep.metrics()
     assert "".join(text for _, text in chunks) == tok.decode([streamed, *rest], skip_special_tokens=True)
     assert usage["prompt_tokens"] == len(prompt) and usage["completion_tokens"] == NEW_TOKENS
     assert "continuing from the streamed one" in shifted_dep.logs()
+    disagreements = "pdserve_first_token_disagreements_total"
+    assert metric(m1, disagreements) == metric(m0, disagreements) + 1
     # A request whose first token the decode worker streams itself is unaffected (short prompt).
     short = tok.encode("The three primary colours are")
     assert complete(shifted_dep, short) == tok.decode(hf_greedy(smollm2_hf, short, NEW_TOKENS))
