@@ -66,27 +66,28 @@ def main() -> None:
         warm_up(server.url, args.model)
         rng = random.Random(2024)
         # One remote prompt first, not counted: warm_up's prompts are all below the threshold, and a
-        # fresh process compiles the KV copy kernel at its first push.
-        asyncio.run(
-            run(server.url, [RequestSpec(0, random_prompt(rng, args.prompt_len, vocab), 2, 0.0)], args.model)
-        )
+        # fresh process compiles the KV copy kernel at its first push. Then the pairs, one request at
+        # a time on one kept-alive connection (a new one per request adds client-side spread).
+        paths = ["remote"]
         for i in range(args.pairs):
-            order = ["remote", "local"] if i % 2 == 0 else ["local", "remote"]
-            for path in order:
-                length = args.prompt_len if path == "remote" else args.prompt_len - 1
-                spec = RequestSpec(0, random_prompt(rng, length, vocab), 2, 0.0)
-                [res] = asyncio.run(run(server.url, [spec], args.model))
-                if not res.ok or res.phases is None:
-                    raise RuntimeError(f"{path} request failed: {res.error}")
-                if res.phases.get("prefill_path") != path:
-                    raise RuntimeError(f"a {path} prompt was prefilled {res.phases.get('prefill_path')}")
-                samples[path].append(
-                    {
-                        "ttft_s": res.ttft_s,
-                        "router_first_token_s": res.phases["first_token"],
-                        "phases": res.phases,
-                    }
-                )
+            paths += ["remote", "local"] if i % 2 == 0 else ["local", "remote"]
+        specs = [
+            RequestSpec(k, random_prompt(rng, args.prompt_len - (path == "local"), vocab), 2, 0.0)
+            for k, path in enumerate(paths)
+        ]
+        results = asyncio.run(run(server.url, specs, args.model, concurrency=1))
+        for path, res in sorted(zip(paths, results, strict=True), key=lambda pr: pr[1].index)[1:]:
+            if not res.ok or res.phases is None:
+                raise RuntimeError(f"{path} request failed: {res.error}")
+            if res.phases.get("prefill_path") != path:
+                raise RuntimeError(f"a {path} prompt was prefilled {res.phases.get('prefill_path')}")
+            samples[path].append(
+                {
+                    "ttft_s": res.ttft_s,
+                    "router_first_token_s": res.phases["first_token"],
+                    "phases": res.phases,
+                }
+            )
     finally:
         server.stop()
     report: dict[str, Any] = header(args) | {
