@@ -13,7 +13,10 @@ prompt chunk next to running decodes), when timed, fit `mixed_decode_s`, what ea
 such a step, and `decode_ctx_s`, per context token of those decodes (attention per sequence there,
 no padding); without them, `decode_ctx_s` is the gather curve's slope up to its first knot. A
 profile without padded decode steps (a third of the positions gathered or more) cannot separate
-gathered positions from the batch: its decode-only steps get a linear context term instead.
+gathered positions from the batch: its decode-only steps get a linear context term instead. With
+them, the curve and linear context and padding terms are both fitted and the better fit is kept
+(a backend that reads each sequence's own KV pays little for padding, which the curve cannot say);
+the curve is fitted as non-negative rises between knots, so it never falls.
 """
 
 from __future__ import annotations
@@ -98,59 +101,89 @@ def fit_steps(
     prefill: list[PrefillStep], decode: list[DecodeStep], mixed: list[MixedStep] | None = None
 ) -> dict[str, Any]:
     """PerfModel keyword arguments: the engine terms and the `decode_batch_s` table, and
-    `mixed_decode_s` when mixed steps were timed."""
+    `mixed_decode_s` when mixed steps were timed. Decode attention as the gather curve (what a
+    backend that pads every sequence to the longest pays) or as linear context and padding terms
+    (a backend that reads each sequence's own KV only, e.g. split-K over the real lengths):
+    whichever fits the timed steps better. The curve alone cannot tell these apart, and fitted to
+    a backend that skips padding it comes out bent the wrong way (cheaper past its last knot)."""
     pre = _medians(prefill, lambda s: (s.tokens, s.cached))
     dec = _medians(decode, lambda s: (s.batch, s.ctx_tokens // 64, s.max_ctx // 64))
     mix = _medians(mixed or [], lambda s: (s.batch, s.tokens, s.cached, s.ctx_tokens // 64))
+    # The gather curve needs positions that vary apart from the batch: padded steps (one long
+    # sequence among short ones). Without them, linear context and padding terms only.
+    padded = any(3 * s.padded >= s.batch * s.max_ctx for s in dec)  # a third of it padding, or more
+    linear, linear_error = _fit(pre, dec, mix, [])
+    if not padded:
+        return linear
+    knots = gather_knots([s.batch * s.max_ctx for s in dec])
+    curve, curve_error = _fit(pre, dec, mix, knots)
+    return curve if curve_error <= linear_error else linear
+
+
+def _fit(
+    pre: list[PrefillStep], dec: list[DecodeStep], mix: list[MixedStep], knots: list[int]
+) -> tuple[dict[str, Any], float]:
+    """The terms with decode attention on the gather curve at `knots` (none: linear context and
+    padding terms), and the fit's squared relative error summed over the steps."""
     batches = sorted({s.batch for s in dec})
     # The smallest batch gets no term of its own: its steps pin the overhead every step pays, and
     # the prompt steps' extra fixed cost is then a term of its own.
     column = {b: i for i, b in enumerate(batches[1:])}
-    # The gather curve needs positions that vary apart from the batch: padded steps (one long
-    # sequence among short ones). Without them, linear context and padding terms.
-    padded = any(3 * s.padded >= s.batch * s.max_ctx for s in dec)  # a third of it padding, or more
-    knots = gather_knots([s.batch * s.max_ctx for s in dec]) if padded else []
 
     def one_hot(b: int) -> list[float]:
         return [1.0 if column.get(b) == i else 0.0 for i in range(len(column))]
 
     def memory(s: DecodeStep) -> list[float]:
-        return [*hat_weights(s.batch * s.max_ctx, knots), 0.0] if knots else [float(s.ctx_tokens)]
+        if not knots:
+            return [float(s.ctx_tokens), float(s.padded)]
+        # The curve's value at knot j is the sum of non-negative rises up to j, so it never falls as
+        # more positions are gathered: rise i weighs as much as every knot from i on together.
+        w = hat_weights(s.batch * s.max_ctx, knots)
+        return [*reversed(list(itertools.accumulate(reversed(w)))), 0.0]
 
     # Columns: overhead, prompt-step overhead, prompt token, attention pair, one per batch size
-    # beyond the smallest, the gather knots (or the context), a mixed step's decode context and
-    # its decodes.
-    none = [0.0] * (len(knots) + 1 if knots else 1)
-    rows = [
-        [1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *none, 0.0, 0.0] for s in pre
-    ]
+    # beyond the smallest, the gather knots (or context and padding), a mixed step's decode context
+    # (the curve only; linear terms share the decode-only context column) and its decodes.
+    width = len(knots) + 1 if knots else 2
+
+    def mixed_memory(s: MixedStep) -> list[float]:
+        return [0.0] * width + [float(s.ctx_tokens)] if knots else [float(s.ctx_tokens), 0.0, 0.0]
+
+    none = [0.0] * (width + 1)
+    rows = [[1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *none, 0.0] for s in pre]
     rows += [[1.0, 0.0, 0.0, 0.0, *one_hot(s.batch), *memory(s), 0.0, 0.0] for s in dec]
     rows += [
-        [1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *none, s.ctx_tokens, s.batch]
+        [1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *mixed_memory(s), s.batch]
         for s in mix
     ]
     times = [s.seconds for s in pre] + [s.seconds for s in dec] + [s.seconds for s in mix]
     x = fit_nonnegative(rows, times)
+    error = sum(
+        (sum(a * c for a, c in zip(r, x, strict=True)) / t - 1.0) ** 2
+        for r, t in zip(rows, times, strict=True)
+    )
     k = len(column)
     table = tuple(zip(batches, [0.0, *x[4 : 4 + k]], strict=True)) if batches else ()
-    gather = tuple(zip(knots, x[4 + k : 4 + k + len(knots)], strict=True))
-    ctx_decode = 0.0 if knots else x[4 + k]
+    gather = tuple(zip(knots, itertools.accumulate(x[4 + k : 4 + k + len(knots)]), strict=True))
     sq = sum(b * b for b in batches)
-    # A mixed step's decode context: from the mixed steps; else priced like decode-only steps.
-    first = gather[0][1] / gather[0][0] if gather else ctx_decode
-    ctx = x[-2] if mix else first
-    return {
+    if knots:
+        # A mixed step's decode context: from the mixed steps; else priced like decode-only steps.
+        ctx, pad = (x[-2] if mix else gather[0][1] / gather[0][0]), 0.0
+    else:
+        ctx, pad = x[4 + k], x[5 + k]
+    terms = {
         "overhead_s": x[0],
         "prefill_overhead_s": x[1],
         "prefill_token_s": x[2],
         "attn_pair_s": x[3],
         "decode_seq_s": sum(b * c for b, c in table) / sq if sq else 0.0,
         "decode_ctx_s": ctx,
-        "decode_pad_s": 0.0,
+        "decode_pad_s": pad,
         "decode_batch_s": table,
         "decode_gather_s": gather,
         "mixed_decode_s": x[-1] if mix else None,
     }
+    return terms, error
 
 
 def gather_knots(positions: list[int]) -> list[int]:

@@ -194,6 +194,38 @@ def test_fit_recovers_the_batch_table_gather_curve_and_prompt_terms_from_steps()
     assert steps_from_raw(json.loads(json.dumps(raw))) == (prefill, decode, mixed)
 
 
+def test_a_backend_that_skips_padding_gets_linear_context_terms() -> None:
+    """Split-K decode over each sequence's own length: cost follows the real context, not the
+    batch times the longest one. The gather curve cannot express that; the linear terms can."""
+    truth = replace(
+        PERF, decode_batch_s=((1, 0.0), (16, 0.002), (64, 0.004), (128, 0.009)), decode_ctx_s=4e-8
+    )
+    prefill = [PrefillStep(n, 0, truth.prefill_s(n, 0)) for n in (64, 256, 1024)]
+    decode = []
+    for b in (1, 16, 64, 128):
+        for c in (160, 650):
+            decode.append(DecodeStep(b, b * c, c, truth.decode_step_s(b, b * c)))
+        if b > 1:  # one long sequence among short ones: nothing paid for the padding
+            ctx = 1950 + (b - 1) * 150
+            decode.append(DecodeStep(b, ctx, 1950, truth.decode_step_s(b, ctx)))
+    got = fit_steps(prefill, decode)
+    assert got["decode_gather_s"] == ()
+    assert got["decode_ctx_s"] == pytest.approx(4e-8, rel=1e-4)
+    assert got["decode_pad_s"] == pytest.approx(0.0, abs=1e-12)
+    fitted = replace(PERF, **got)
+    # Far past the timed contexts, a longer context still costs more.
+    assert fitted.decode_step_s(100, 200_000, 6000) > fitted.decode_step_s(100, 100_000, 6000)
+
+
+def test_the_gather_curve_never_falls() -> None:
+    """Steps whose cost dips at larger gathers (noise, or a backend the curve does not describe)
+    give a flat stretch, not a curve that is cheaper past its last knot."""
+    decode = [DecodeStep(8, 8 * c, c, 0.02 + (0.004 if c < 600 else 0.002)) for c in (100, 300, 700, 1000)]
+    decode += [DecodeStep(8, 1000 + 7 * 100, 1000, 0.021), DecodeStep(1, 128, 128, 0.02)]
+    values = [v for _, v in fit_steps([], decode)["decode_gather_s"]]
+    assert values == sorted(values)
+
+
 def test_a_decode_step_pays_its_gathers_by_the_curve_and_past_it_by_the_last_slope() -> None:
     perf = replace(PERF, decode_gather_s=((1000, 0.01), (4000, 0.07)))
     assert perf.decode_gather_cost_s(500) == pytest.approx(0.005)
