@@ -20,6 +20,16 @@ from pdserve.sampling_params import SamplingParams
 PROTOCOL_VERSION = 9
 
 
+def logprob_to_wire(lp: TokenLogprob) -> list[Any]:
+    """A token's logprob on the wire: [token_id, logprob, [[id, lp], ...]]."""
+    return [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
+
+
+def logprob_from_wire(wire: list[Any]) -> TokenLogprob:
+    token, lp, top = wire
+    return TokenLogprob(int(token), float(lp), [(int(a), float(b)) for a, b in top])
+
+
 class ProtocolError(ValueError):
     """A message that is malformed, of an unknown type, or from another protocol version."""
 
@@ -209,7 +219,7 @@ class TokenChunk:
     def from_output(cls, out: RequestOutput) -> TokenChunk:
         lps = None
         if out.logprobs is not None:
-            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in out.logprobs]
+            lps = [logprob_to_wire(lp) for lp in out.logprobs]
         return cls(
             request_id=out.request_id,
             new_token_ids=out.new_token_ids,
@@ -230,12 +240,7 @@ class TokenChunk:
         return cls.from_output(merge_outputs(*outs))
 
     def to_output(self) -> RequestOutput:
-        lps = None
-        if self.logprobs is not None:
-            lps = [
-                TokenLogprob(int(t), float(lp), [(int(a), float(b)) for a, b in top])
-                for t, lp, top in self.logprobs
-            ]
+        lps = None if self.logprobs is None else [logprob_from_wire(w) for w in self.logprobs]
         return RequestOutput(
             request_id=self.request_id,
             new_token_ids=self.new_token_ids,

@@ -21,12 +21,8 @@ from pdserve.engine.request import Request
 from pdserve.engine.scheduler import ScheduledRequest
 from pdserve.kv_transfer.base import KVSender, read_kv, slots_for
 from pdserve.outputs import TokenLogprob
-from pdserve.protocol import PrefillDestination, PrefillDone, PrefillJob
+from pdserve.protocol import PrefillDestination, PrefillDone, PrefillJob, logprob_to_wire
 from pdserve.trace import mark
-
-
-def logprob_to_wire(lp: TokenLogprob | None) -> list[object] | None:
-    return None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
 
 
 @dataclass
@@ -199,7 +195,7 @@ class KVStreamer:
         assert job is not None
         self._push_unsent(job)  # a destination that came after the last layer's hook
         nbytes = self.bytes_sent.pop(req.request_id, 0)
-        wire = logprob_to_wire(logprob)
+        wire = None if logprob is None else logprob_to_wire(logprob)
         done = PrefillDone(req.request_id, token_id, wire, req.num_prompt_tokens, nbytes, trace=job.trace)
         self.sender.send_done(job, done)
 

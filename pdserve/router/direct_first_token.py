@@ -29,8 +29,8 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from pdserve.outputs import RequestOutput, TokenLogprob
-from pdserve.protocol import PrefillFirstToken, TokenChunk
+from pdserve.outputs import RequestOutput
+from pdserve.protocol import PrefillFirstToken, TokenChunk, logprob_from_wire
 from pdserve.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -94,16 +94,12 @@ async def relay(stream: AsyncIterator[T], inbox: asyncio.Queue[object]) -> Async
 def direct_output(msg: PrefillFirstToken) -> RequestOutput:
     """What the client gets from the prefill worker's message: the decode worker's first output,
     less what only the decode worker knows (its prefix-cache hits)."""
-    lps = None
-    if msg.logprob is not None:
-        token, lp, top = msg.logprob
-        lps = [TokenLogprob(int(token), float(lp), [(int(a), float(b)) for a, b in top])]
     return RequestOutput(
         request_id=msg.request_id,
         new_token_ids=[msg.token_id],
         new_text=msg.text,
         finished=False,
-        logprobs=lps,
+        logprobs=None if msg.logprob is None else [logprob_from_wire(msg.logprob)],
         num_prompt_tokens=msg.num_prompt_tokens,
         num_output_tokens=1,
     )

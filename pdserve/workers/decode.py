@@ -24,7 +24,7 @@ from pdserve.engine.model import ModelArch
 from pdserve.kv_transfer import make_receiver
 from pdserve.kv_transfer.base import TransferStats
 from pdserve.kv_transfer.shm import ShmKVCache
-from pdserve.outputs import RequestOutput, TokenLogprob
+from pdserve.outputs import RequestOutput
 from pdserve.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -34,6 +34,7 @@ from pdserve.protocol import (
     TokenChunk,
     WorkerInfo,
     WorkerLoad,
+    logprob_from_wire,
     params_to_dict,
 )
 from pdserve.trace import Trace, mark
@@ -212,11 +213,7 @@ class DecodeWorker:
         mark(done.trace, "decode.completed")
         remote.trace = done.trace
         lp = done.first_logprob
-        logprob = (
-            None
-            if lp is None
-            else TokenLogprob(int(lp[0]), float(lp[1]), [(int(a), float(b)) for a, b in lp[2]])
-        )
+        logprob = None if lp is None else logprob_from_wire(lp)
         out = eng.complete_remote(done.request_id, done.first_token_id, logprob)
         if out is not None:
             self.llm.deliver(out)

@@ -13,11 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.engine.detokenizer import IncrementalDetokenizer
-from pdserve.engine.kv_output import logprob_to_wire
 from pdserve.outputs import TokenLogprob
-from pdserve.protocol import PrefillFirstToken, PrefillJob
+from pdserve.protocol import PrefillFirstToken, PrefillJob, logprob_to_wire
 from pdserve.sampling_params import SamplingParams
-from pdserve.trace import Trace
 
 
 def first_token_message(
@@ -26,9 +24,9 @@ def first_token_message(
     logprob: TokenLogprob | None,
     tokenizer: Any | None,
     eos_token_ids: tuple[int, ...],
-    trace: Trace,
 ) -> PrefillFirstToken | None:
-    """The message for the router, or None if this token may end the request."""
+    """The message for the router (with the job's marks so far), or None if this token may end
+    the request."""
     params = SamplingParams(**job.params)
     if params.max_tokens is not None and params.max_tokens <= 1:
         return None
@@ -40,6 +38,5 @@ def first_token_message(
         if detok.update([token_id]) is not None:
             return None  # a stop string inside the first token's text
         text = detok.take_delta(False)
-    return PrefillFirstToken(
-        job.request_id, token_id, text, logprob_to_wire(logprob), len(job.prompt_token_ids), dict(trace)
-    )
+    wire = None if logprob is None else logprob_to_wire(logprob)
+    return PrefillFirstToken(job.request_id, token_id, text, wire, len(job.prompt_token_ids), dict(job.trace))

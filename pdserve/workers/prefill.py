@@ -83,7 +83,6 @@ class PrefillWorker:
         self._failed: dict[str, tuple[str, float]] = {}
         self._puller: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._router: httpx.AsyncClient | None = None  # pulls jobs
         # The routers following this worker's first tokens (`first_tokens`): one queue of frames each.
         self._feeds: set[asyncio.Queue[bytes]] = set()
         self._first_token_shift = envs.fault_first_token_shift()
@@ -91,11 +90,7 @@ class PrefillWorker:
         self.llm.abort_fn = lambda eng, rid: self._end(eng, rid, "aborted on the prefill worker")
 
     def start(self) -> None:
-        assert self.cfg.router_url is not None
         self._loop = asyncio.get_running_loop()
-        self._router = httpx.AsyncClient(
-            base_url=self.cfg.router_url, headers={"x-pdserve-token": self.token}, timeout=10.0
-        )
         self.llm.start()
         self._puller = self._loop.create_task(self._pull_loop())
 
@@ -103,8 +98,6 @@ class PrefillWorker:
         if self._puller is not None:
             self._puller.cancel()
         await self.llm.shutdown()
-        if self._router is not None:
-            await self._router.aclose()
         self.sender.close()
 
     def info(self) -> WorkerInfo:
@@ -146,30 +139,31 @@ class PrefillWorker:
         return stats.num_waiting < 1 and stats.num_running < max_seqs
 
     async def _pull_loop(self) -> None:
-        client = self._router
-        assert client is not None
-        while True:
-            if not self._has_room():
-                await asyncio.sleep(0.005)
-                continue
-            try:
-                resp = await client.post(
-                    "/internal/prefill/pull",
-                    content=encode(PrefillJobPull(self.worker_id, _PULL_TIMEOUT_S)),
-                )
-            except httpx.HTTPError as e:
-                logger.debug("prefill pull failed: %s", e)
-                await asyncio.sleep(_RETRY_S)
-                continue
-            if resp.status_code == 204:
-                continue
-            if resp.status_code != 200:
-                logger.warning("prefill pull: HTTP %d %s", resp.status_code, resp.text[:200])
-                await asyncio.sleep(_RETRY_S)
-                continue
-            job = decode(resp.content, PrefillJob)
-            mark(job.trace, "prefill.received")
-            await self._start_job(job)
+        assert self.cfg.router_url is not None
+        headers = {"x-pdserve-token": self.token}
+        async with httpx.AsyncClient(base_url=self.cfg.router_url, headers=headers, timeout=10.0) as client:
+            while True:
+                if not self._has_room():
+                    await asyncio.sleep(0.005)
+                    continue
+                try:
+                    resp = await client.post(
+                        "/internal/prefill/pull",
+                        content=encode(PrefillJobPull(self.worker_id, _PULL_TIMEOUT_S)),
+                    )
+                except httpx.HTTPError as e:
+                    logger.debug("prefill pull failed: %s", e)
+                    await asyncio.sleep(_RETRY_S)
+                    continue
+                if resp.status_code == 204:
+                    continue
+                if resp.status_code != 200:
+                    logger.warning("prefill pull: HTTP %d %s", resp.status_code, resp.text[:200])
+                    await asyncio.sleep(_RETRY_S)
+                    continue
+                job = decode(resp.content, PrefillJob)
+                mark(job.trace, "prefill.received")
+                await self._start_job(job)
 
     async def _start_job(self, job: PrefillJob) -> None:
         rid = job.request_id
@@ -206,7 +200,7 @@ class PrefillWorker:
         eng = self.llm.engine
         if self._first_token_shift:  # fault injection: a first token the decode worker disagrees with
             token_id, logprob = (token_id + self._first_token_shift) % eng.arch.vocab_size, None
-        msg = first_token_message(job, token_id, logprob, eng.tokenizer, eng.eos_token_ids, job.trace)
+        msg = first_token_message(job, token_id, logprob, eng.tokenizer, eng.eos_token_ids)
         if msg is not None:
             self._loop.call_soon_threadsafe(self._feed_first_token, msg)
 

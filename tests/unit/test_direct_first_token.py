@@ -37,7 +37,9 @@ def job(**params: object) -> PrefillJob:
 
 
 def message(token: int, logprob: TokenLogprob | None = None, **params: object) -> PrefillFirstToken | None:
-    return first_token_message(job(**params), token, logprob, TOKENIZER, (EOS,), {"prefill.sampled": 1.0})
+    j = job(**params)
+    j.trace["prefill.sampled"] = 1.0
+    return first_token_message(j, token, logprob, TOKENIZER, (EOS,))
 
 
 def test_message_carries_the_decode_workers_text_and_logprob() -> None:
