@@ -61,9 +61,11 @@ WORKLOADS = {
 }
 
 
-def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
-    """n workers either way: n/2 prefill + n/2 decode, or n co-located replicas."""
-    disagg = ["--prefill", str(n // 2), "--decode", str(n - n // 2), "--colocated", "0"]
+def compare_configs(n: int, threshold: int, prefill: int = 0) -> dict[str, list[str]]:
+    """n workers either way: `prefill` prefill + the rest decode (default n/2 each), or n co-located
+    replicas."""
+    p = prefill or n // 2
+    disagg = ["--prefill", str(p), "--decode", str(n - p), "--colocated", "0"]
     # Prompts from `threshold` uncached tokens go to the prefill worker; shorter ones the decode
     # worker prefills itself (conditional disaggregation), so short-only traffic never waits for a
     # transfer.
@@ -76,11 +78,15 @@ def compare_configs(n: int, threshold: int) -> dict[str, list[str]]:
     # slots: a short-only load then uses both pools' GPUs (router/whole_policy.py).
     whole = [*disagg, "--prefill-serves-whole", "--max-whole-per-prefill-worker", "128"]
     return {
-        f"{n // 2}P{n - n // 2}D": disagg,
-        f"{n // 2}P{n - n // 2}D-whole": whole,
+        f"{p}P{n - p}D": disagg,
+        f"{p}P{n - p}D-whole": whole,
         # The decode worker decides and reserves before the prefill is queued (only with --configs).
-        f"{n // 2}P{n - n // 2}D-after-decision": [*disagg, "--no-early-prefill"],
+        f"{p}P{n - p}D-after-decision": [*disagg, "--no-early-prefill"],
         f"{n}xcolocated": ["--prefill", "0", "--decode", "0", "--colocated", str(n)],
+        # Smaller prefill chunks: each decode step that carries one is shorter, for tight TPOT
+        # targets, at the cost of more steps per prompt (only with --configs).
+        f"{n}xcolocated-chunk512": ["--prefill", "0", "--decode", "0", "--colocated", str(n)]
+        + ["--max-num-batched-tokens", "512"],
         # One engine inside the API server, no router and no worker hop: what the HTTP-side
         # architecture costs, next to 1xcolocated (only with --configs, only for one GPU).
         "inprocess": ["--inprocess"],
@@ -215,8 +221,10 @@ def phase_medians(phases: list[dict[str, Any] | None]) -> dict[str, float]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     num_gpus = 1 if args.gpus == "cpu" else len(args.gpus.split(","))
-    every = compare_configs(args.workers or num_gpus, args.threshold)
-    names = args.configs or [name for name in every if name != "inprocess" and "after-decision" not in name]
+    every = compare_configs(args.workers or num_gpus, args.threshold, args.prefill_workers)
+    names = args.configs or [
+        name for name in every if name != "inprocess" and not name.endswith(("after-decision", "chunk512"))
+    ]
     configs = {name: every[name] for name in names}
     report = header(args) | {
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
@@ -352,6 +360,12 @@ def main() -> None:
     )
     c.add_argument("--workloads", nargs="+", default=["bimodal", "short"], choices=list(WORKLOADS))
     c.add_argument("--workers", type=int, default=0, help="workers per deployment (default: one per GPU)")
+    c.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=0,
+        help="prefill workers of the xPyD deployments (default: half)",
+    )
     c.add_argument("--threshold", type=int, default=512, help="remote prefill from this many tokens (1PxD)")
     c.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     c.add_argument("--slo-tpot-ms", type=float, default=50.0)

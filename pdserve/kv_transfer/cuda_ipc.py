@@ -169,6 +169,7 @@ class CudaIpcKVSender(SocketKVSender):
         # pushes end (seal, _forget).
         self._copies: torch.cuda.Stream | None = None
         self.fingerprint_stride = envs.kv_fingerprint_stride()
+        self.copy_programs = envs.kv_copy_programs()
 
     def _peer(self, job: PrefillJob) -> _Peer:
         key = (job.kv_host, job.kv_port)
@@ -225,7 +226,7 @@ class CudaIpcKVSender(SocketKVSender):
         with torch.cuda.stream(copies):
             copy_slots(
                 self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
-                layer_start, layer_end, src_slots, dst_slots,
+                layer_start, layer_end, src_slots, dst_slots, self.copy_programs,
             )  # fmt: skip
             copied = torch.cuda.Event()
             copied.record()

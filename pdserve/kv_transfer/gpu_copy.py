@@ -3,7 +3,10 @@ fingerprint of slots to check what landed.
 
 The copy reads each token's K and V straight from the sender's paged cache and writes them into the
 receiver's reserved slots: no gathered intermediate, so a transfer moves each byte once. One launch
-covers a whole layer group: the layers' base addresses come from pointer tables. The fingerprint
+covers a whole layer group: the layers' base addresses come from pointer tables. A launch may be
+held to a few programs per layer (each walks a stride of token tiles): a copy that runs beside the
+prompt's forward, writing to another GPU, then occupies a few SMs for longer instead of all of them
+for a moment, which is what delays the forward's next layer. The fingerprint
 is the int64 sum of the values' bit patterns (order-free, so both sides get the same number from
 their own slot order), one launch over all layers of a request.
 """
@@ -44,23 +47,24 @@ def _slots_kernel(
     BITS: tl.constexpr,
     COPY: tl.constexpr,  # copy the slots; else sum their bits into the fingerprint
 ):
-    tile = tl.program_id(0)
     layer = layer_start + tl.program_id(1) // 2
     half = (tl.program_id(1) % 2).to(tl.int64)
-    t = tile * TOKENS + tl.arange(0, TOKENS)
-    tmask = t < num_tokens
-    src_slot = tl.load(src_slots + t, mask=tmask, other=0).to(tl.int64)
     src = tl.load(src_table + layer).to(tl.pointer_type(DTYPE)) + half * src_half
     r = tl.arange(0, BLOCK_ROW)
-    mask = tmask[:, None] & (r < ROW)[None, :]
-    x = tl.load(src + src_slot[:, None] * ROW + r[None, :], mask=mask, other=0.0)
-    if COPY:
-        dst_slot = tl.load(dst_slots + t, mask=tmask, other=0).to(tl.int64)
-        dst = tl.load(dst_table + layer).to(tl.pointer_type(DTYPE)) + half * dst_half
-        tl.store(dst + dst_slot[:, None] * ROW + r[None, :], x, mask=mask)
-    else:
-        bits = x.to(BITS, bitcast=True).to(tl.int64)
-        tl.atomic_add(fingerprint_ptr, tl.sum(tl.sum(bits, 1), 0))
+    # Program p takes token tiles p, p + P, p + 2P, ... (P programs per layer half).
+    for tile in range(tl.program_id(0), tl.cdiv(num_tokens, TOKENS), tl.num_programs(0)):
+        t = tile * TOKENS + tl.arange(0, TOKENS)
+        tmask = t < num_tokens
+        src_slot = tl.load(src_slots + t, mask=tmask, other=0).to(tl.int64)
+        mask = tmask[:, None] & (r < ROW)[None, :]
+        x = tl.load(src + src_slot[:, None] * ROW + r[None, :], mask=mask, other=0.0)
+        if COPY:
+            dst_slot = tl.load(dst_slots + t, mask=tmask, other=0).to(tl.int64)
+            dst = tl.load(dst_table + layer).to(tl.pointer_type(DTYPE)) + half * dst_half
+            tl.store(dst + dst_slot[:, None] * ROW + r[None, :], x, mask=mask)
+        else:
+            bits = x.to(BITS, bitcast=True).to(tl.int64)
+            tl.atomic_add(fingerprint_ptr, tl.sum(tl.sum(bits, 1), 0))
 
 
 def pointer_table(caches: list[torch.Tensor]) -> torch.Tensor:
@@ -80,12 +84,14 @@ def _launch(
     dst_slots: torch.Tensor,
     fingerprint: torch.Tensor,
     copy: bool,
+    max_programs: int = 0,
 ) -> None:
     num_tokens = src_slots.shape[0]
     if num_tokens == 0 or layer_end <= layer_start:
         return
     row = like.shape[-2] * like.shape[-1]
-    grid = (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), 2 * (layer_end - layer_start))
+    tiles = triton.cdiv(num_tokens, TOKENS_PER_PROGRAM)
+    grid = (min(tiles, max_programs) if max_programs > 0 else tiles, 2 * (layer_end - layer_start))
     _slots_kernel[grid](
         src_table, dst_table, src_slots, dst_slots, fingerprint, num_tokens, layer_start, src_half, dst_half,
         ROW=row, BLOCK_ROW=triton.next_power_of_2(row), TOKENS=TOKENS_PER_PROGRAM,
@@ -103,11 +109,13 @@ def copy_slots(
     layer_end: int,
     src_slots: torch.Tensor,  # [T] device
     dst_slots: torch.Tensor,  # [T] device
+    max_programs: int = 0,
 ) -> None:
-    """Copy layers [layer_start, layer_end) of the slots, on the current stream."""
+    """Copy layers [layer_start, layer_end) of the slots, on the current stream, with at most
+    `max_programs` programs per layer half (0: one per tile of tokens)."""
     _launch(
         src_table, dst_table, like, src_half, dst_half, layer_start, layer_end,
-        src_slots, dst_slots, src_slots, copy=True,
+        src_slots, dst_slots, src_slots, copy=True, max_programs=max_programs,
     )  # fmt: skip
 
 

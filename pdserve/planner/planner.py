@@ -200,6 +200,16 @@ def _reasons(
     return reasons
 
 
+# The KV transport `pdserve serve` takes for each fabric the planner knows: GPUs of one host (NVLink,
+# PCIe) write into each other's caches through CUDA IPC; across hosts, RDMA through NIXL, else TCP.
+# A measured link's name (e.g. "cuda_ipc") is a transport already.
+TRANSPORT_OF_FABRIC = {"nvlink": "cuda_ipc", "pcie": "cuda_ipc", "rdma": "nixl", "tcp": "tcp"}
+
+
+def transport_for(fabric: str) -> str:
+    return TRANSPORT_OF_FABRIC.get(fabric, fabric)
+
+
 def serve_command(dep: Deployment, model: str, transport: str = "tcp") -> str:
     common = f"--max-num-batched-tokens {dep.max_num_batched_tokens} --max-num-seqs {dep.max_num_seqs}"
     if dep.colocated:
@@ -247,7 +257,7 @@ def plan(
         candidates=cands,
         disaggregate=not best.deployment.colocated,
         reasons=_reasons(perf, workload, fabric, best, cands),
-        command=serve_command(best.deployment, model),
+        command=serve_command(best.deployment, model, transport_for(fabric)),
     )
 
 

@@ -83,3 +83,14 @@ def test_an_idle_prefill_worker_serving_whole_requests_doubles_short_only_capaci
     assert full >= 0.8 * by_label["colocated x2"] and full > half, by_label
     dep = next(c.deployment for c in result.candidates if c.deployment.whole is not None)
     assert "--prefill-serves-whole --max-whole-per-prefill-worker 64" in serve_command(dep, "m")
+
+
+def test_the_printed_command_names_the_fabrics_transport() -> None:
+    """A plan for GPUs of one host prints a deployment that writes the KV through CUDA IPC, not TCP."""
+    from pdserve.planner.planner import serve_command, transport_for
+
+    dep = Deployment(prefill=1, decode=3, colocated=0)
+    assert "--transport cuda_ipc" in serve_command(dep, "m", transport_for("nvlink"))
+    assert "--transport nixl" in serve_command(dep, "m", transport_for("rdma"))
+    assert "--transport tcp" in serve_command(dep, "m", transport_for("tcp"))
+    assert transport_for("shm") == "shm"  # a measured link is named by its transport
