@@ -70,14 +70,16 @@ class Prefill:
             flat = self.cache[i].view(2, -1, KV_HEADS, HEAD_DIM)  # [2, slots, H_kv, D]
             flat[0, self.slots] = k.view(T, KV_HEADS, HEAD_DIM)
             flat[1, self.slots] = v.view(T, KV_HEADS, HEAD_DIM)
-            group = HEADS // KV_HEADS  # KV heads repeated so the flash kernel takes them
+            # [1, H, T, D], KV heads repeated: the flash kernel takes 4-D, equal-head inputs only
+            # (anything else falls back to the math path, ~5x slower at this length).
+            group = HEADS // KV_HEADS
             attn = F.scaled_dot_product_attention(
-                q.view(T, HEADS, HEAD_DIM).transpose(0, 1),
-                k.view(T, KV_HEADS, HEAD_DIM).transpose(0, 1).repeat_interleave(group, dim=0),
-                v.view(T, KV_HEADS, HEAD_DIM).transpose(0, 1).repeat_interleave(group, dim=0),
+                q.view(1, T, HEADS, HEAD_DIM).transpose(1, 2),
+                k.view(1, T, KV_HEADS, HEAD_DIM).transpose(1, 2).repeat_interleave(group, dim=1),
+                v.view(1, T, KV_HEADS, HEAD_DIM).transpose(1, 2).repeat_interleave(group, dim=1),
                 is_causal=True,
-            )  # [H, T, D]
-            x = x + attn.transpose(0, 1).reshape(T, HIDDEN) @ w["o"]
+            )
+            x = x + attn[0].transpose(0, 1).reshape(T, HIDDEN) @ w["o"]
             gate, up = (x @ w["gu"]).chunk(2, dim=-1)  # [T, FFN] each
             x = x + (F.silu(gate) * up) @ w["down"]
             after_layer(i)
