@@ -80,6 +80,9 @@ def compare_configs(n: int, threshold: int, prefill: int = 0) -> dict[str, list[
     return {
         f"{p}P{n - p}D": disagg,
         f"{p}P{n - p}D-whole": whole,
+        # The same, and a prefill worker holding prompts' jobs still takes short requests whole while
+        # its whole requests + 32 per job are fewer than the decode worker's streams (only with --configs).
+        f"{p}P{n - p}D-whole-jobs": [*whole, "--whole-job-streams", "32"],
         # The decode worker decides and reserves before the prefill is queued (only with --configs).
         f"{p}P{n - p}D-after-decision": [*disagg, "--no-early-prefill"],
         f"{n}xcolocated": ["--prefill", "0", "--decode", "0", "--colocated", str(n)],
@@ -223,7 +226,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     num_gpus = 1 if args.gpus == "cpu" else len(args.gpus.split(","))
     every = compare_configs(args.workers or num_gpus, args.threshold, args.prefill_workers)
     names = args.configs or [
-        name for name in every if name != "inprocess" and not name.endswith(("after-decision", "chunk512"))
+        name
+        for name in every
+        if name != "inprocess" and not name.endswith(("after-decision", "chunk512", "jobs"))
     ]
     configs = {name: every[name] for name in names}
     report = header(args) | {

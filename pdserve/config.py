@@ -221,6 +221,14 @@ class WorkerConfig:
             "(the decode batch a long prompt that arrives later shares its steps with)"
         ),
     )
+    whole_job_streams: int | None = field(
+        default=None,
+        metadata=_help(
+            "with --prefill-serves-whole, a prefill worker that holds prefill jobs still takes short "
+            "requests whole while its whole requests plus this many per job are fewer than the decode "
+            "worker's streams (default: none while it holds any job)"
+        ),
+    )
     link_gbps: float = field(default=4.0, metadata=_help("KV link bandwidth estimate, GB/s (decision only)"))
     prefill_tokens_per_s: float = field(
         default=1500.0, metadata=_help("local prefill speed estimate before measurements (decision only)")
@@ -247,5 +255,7 @@ class WorkerConfig:
             raise ValueError(
                 f"max_whole_per_prefill_worker must be >= 1, got {self.max_whole_per_prefill_worker}"
             )
+        if self.whole_job_streams is not None and self.whole_job_streams < 0:
+            raise ValueError(f"whole_job_streams must be >= 0, got {self.whole_job_streams}")
         if self.role == "prefill" and not self.router_url:
             raise ValueError("a prefill worker needs --router-url to pull jobs from")

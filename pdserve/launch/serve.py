@@ -89,7 +89,11 @@ def whole_policy(worker_defaults: WorkerConfig) -> WholePolicy | None:
     """The router's rule for serving short requests whole on idle prefill workers, if enabled."""
     if not worker_defaults.prefill_serves_whole:
         return None
-    return WholePolicy(worker_defaults.remote_prefill_threshold, worker_defaults.max_whole_per_prefill_worker)
+    return WholePolicy(
+        worker_defaults.remote_prefill_threshold,
+        worker_defaults.max_whole_per_prefill_worker,
+        job_streams=worker_defaults.whole_job_streams,
+    )
 
 
 def deployment_gpus(engine_cfg: EngineConfig, spec: str | None) -> list[int] | None:

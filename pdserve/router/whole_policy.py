@@ -8,7 +8,10 @@ adds decode capacity.
 
 Long prompts keep priority on the prefill pool. A prefill worker takes a whole request only while
 it has no prefill work at all (an empty shared queue, no job of its own, nothing waiting in its
-engine), and it holds at most `max_whole_per_worker` of them, with its KV cache at most
+engine) -- or, with `job_streams` set, while it holds jobs but its whole requests plus
+`job_streams` per job still weigh less than the decode worker's streams: under a steady stream of
+long prompts the prefill GPU is then not left half idle while the decode GPU saturates (the whole
+requests' tokens ride along in the prompts' chunked steps). It holds at most `max_whole_per_worker` of them, with its KV cache at most
 `max_kv_usage` full: a long prompt that arrives later finds blocks free, and shares each step with
 a bounded decode batch (the scheduler runs running requests first, so at most that many decode
 tokens come out of the step's token budget before the prompt's chunk).
@@ -19,7 +22,7 @@ and the planner's simulator call what the router calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.router.policy import Candidate, kv_aware_score
 
@@ -31,6 +34,9 @@ class WholePolicy:
     # A prefill worker whose KV cache is fuller than this takes no more whole requests: the rest is
     # kept for the prompts it exists to prefill.
     max_kv_usage: float = 0.5
+    # A prefill job the worker holds counts as this many streams when its load is compared with the
+    # decode worker's; None: no whole request while it holds any job.
+    job_streams: int | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_tokens < 0:
@@ -57,7 +63,7 @@ class WholeDecision:
 
 def refusal(c: PrefillCandidate, prompt_tokens: int, decode: Candidate, policy: WholePolicy) -> str | None:
     """Why this prefill worker may not take the request whole now; None if it may."""
-    if c.num_jobs > 0:
+    if c.num_jobs > 0 and policy.job_streams is None:
         return f"{c.worker_id} holds {c.num_jobs} prefill jobs"
     if c.num_waiting > 0:
         return f"{c.worker_id} has {c.num_waiting} requests waiting"
@@ -70,7 +76,8 @@ def refusal(c: PrefillCandidate, prompt_tokens: int, decode: Candidate, policy: 
         # Short on the decode worker thanks to its prefix cache, long here: computing it again would
         # waste the decode worker's cache and occupy this worker with a long prefill.
         return f"{uncached} uncached tokens on {c.worker_id} >= threshold {policy.threshold_tokens}"
-    if kv_aware_score(c, prompt_tokens) <= kv_aware_score(decode, prompt_tokens):
+    loaded = replace(c, num_running=c.num_running + (policy.job_streams or 0) * c.num_jobs)
+    if kv_aware_score(loaded, prompt_tokens) <= kv_aware_score(decode, prompt_tokens):
         # On a tie the decode worker keeps it: the prefill worker stays free for prompts.
         return f"{c.worker_id} is not less loaded than {decode.worker_id}"
     return None
@@ -102,5 +109,5 @@ def choose_whole_target(
     return WholeDecision(
         best.worker_id,
         f"{uncached} uncached tokens, prefill queue empty; {best.worker_id} serves {best.num_running} "
-        f"whole requests, {decode.worker_id} has {decode.num_running} streams",
+        f"whole requests and {best.num_jobs} prefill jobs, {decode.worker_id} has {decode.num_running} streams",
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pdserve.router.policy import Candidate
@@ -99,6 +101,39 @@ def test_a_burst_is_shared_until_the_cap_then_the_decode_worker_takes_the_rest()
     assert streams == {"decode-0": 16, "prefill-0": POLICY.max_whole_per_worker}
 
 
+def test_with_job_streams_a_prefilling_worker_takes_whole_requests_while_lighter() -> None:
+    """Each job weighs `job_streams` streams: 2 jobs x 4 + 3 whole = 11 against the decode worker's
+    12 streams takes it; against 11 it does not."""
+    policy = WholePolicy(threshold_tokens=256, max_whole_per_worker=64, job_streams=4)
+    busy = prefill(whole=3, jobs=2)
+    d = choose_whole_target(40, decode(streams=12, kv_usage=0.0), 0, [busy], policy)
+    assert d.worker_id == "prefill-0" and "3 whole requests and 2 prefill jobs" in d.reason
+    d = choose_whole_target(40, decode(streams=11, kv_usage=0.0), 0, [busy], policy)
+    assert d.worker_id is None and "not less loaded" in d.reason
+    # Without job_streams the same worker takes none while it holds a job.
+    d = choose_whole_target(40, decode(streams=40), 0, [busy], dataclasses.replace(policy, job_streams=None))
+    assert d.worker_id is None and "holds 2 prefill jobs" in d.reason
+    # A backlog in the shared queue still keeps every whole request off the prefill pool.
+    assert choose_whole_target(40, decode(streams=40), 1, [busy], policy).worker_id is None
+
+
+def test_a_burst_beside_a_prefill_job_leaves_the_prefill_worker_job_streams_fewer() -> None:
+    """Routing a burst while the prefill worker holds one job: the streams settle `job_streams`
+    apart, the decode worker holding the more."""
+    policy = WholePolicy(threshold_tokens=256, max_whole_per_worker=64, job_streams=8)
+    streams = {"decode-0": 0, "prefill-0": 0}
+    for _ in range(40):
+        d = choose_whole_target(
+            40,
+            decode(streams["decode-0"], kv_usage=0.0),
+            0,
+            [prefill(whole=streams["prefill-0"], jobs=1)],
+            policy,
+        )
+        streams[d.worker_id or "decode-0"] += 1
+    assert streams == {"decode-0": 24, "prefill-0": 16}
+
+
 def test_policy_validation() -> None:
     with pytest.raises(ValueError, match="max_whole_per_worker"):
         WholePolicy(256, 0)
@@ -120,7 +155,11 @@ def test_serve_flags_build_the_routers_policy_and_reach_the_workers() -> None:
         "--prefill-serves-whole", "--max-whole-per-prefill-worker", "8", "--remote-prefill-threshold", "100"
     )
     assert whole_policy(cfg) == WholePolicy(threshold_tokens=100, max_whole_per_worker=8)
+    weighed = worker_defaults("--prefill-serves-whole", "--whole-job-streams", "24")
+    assert whole_policy(weighed) == WholePolicy(threshold_tokens=256, max_whole_per_worker=16, job_streams=24)
     argv = dataclass_to_argv(cfg, exclude=PER_WORKER_FIELDS)
     assert "--prefill-serves-whole" in argv and argv[argv.index("--max-whole-per-prefill-worker") + 1] == "8"
     with pytest.raises(ValueError, match="max_whole_per_prefill_worker"):
         WorkerConfig(max_whole_per_prefill_worker=0)
+    with pytest.raises(ValueError, match="whole_job_streams"):
+        WorkerConfig(whole_job_streams=-1)
