@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_proc import Server, decisions, engine_reports
+from serve_proc import ScrapesAt, Server, decisions, engine_reports
 
 from pdserve.bench.client import RequestResult, run, run_sharded
 from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, stats, summarize
@@ -105,6 +105,10 @@ def kv_seconds(results: list[RequestResult]) -> dict[str, float]:
             if r.ok and r.phases and r.phases.get("prefill_path") == "remote" and "kv_seconds" in r.phases
         ]
     )
+
+
+def busy_shares(engines: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {w: r["busy_share"] for w, r in engines.items()}
 
 
 def vocab_size(model: str) -> int:
@@ -257,9 +261,15 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     metrics_before, cpu_before = server.metrics(), server.cpu_seconds()
                     wall = time.monotonic()
+                    # The engines' counters also over the arrival window (first to last send): over
+                    # the whole run the drain after the last arrival reads as idle time.
+                    start_at = time.time() + 2.0 + 0.25 * args.client_procs
+                    arrivals_s = max(s.arrival_s for s in specs)
+                    window = ScrapesAt(server, [start_at, start_at + arrivals_s])
                     results = run_sharded(
-                        server.url, specs, args.model, args.client_procs, timeout_s=args.timeout_s
-                    )
+                        server.url, specs, args.model, args.client_procs,
+                        timeout_s=args.timeout_s, start_at=start_at,
+                    )  # fmt: skip
                     wall = time.monotonic() - wall
                     metrics_after, cpu_after = server.metrics(), server.cpu_seconds()
                     before, after = decisions(metrics_before), decisions(metrics_after)
@@ -278,6 +288,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     summary["kv_seconds"] = kv_seconds(results)
                     # Is each engine thread busy (and with what) or waiting for work?
                     summary["engines"] = engine_reports(metrics_before, metrics_after, span)
+                    if window.join() and arrivals_s > 0:
+                        summary["engines_arrivals"] = engine_reports(*window.texts, arrivals_s)
+                        summary["cpu_cores_arrivals"] = {
+                            k: round((window.cpu[1][k] - window.cpu[0][k]) / arrivals_s, 3)
+                            for k in window.cpu[1]
+                            if k in window.cpu[0]
+                        }
                     key = f"{cfg}/{workload}@{rate}"
                     report["runs"][key] = summary
                     curve.append((rate, summary["slo_attainment"]))
@@ -289,7 +306,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                         f"ttft p50/p99 {summary['ttft_s']['p50']:.3f}/{summary['ttft_s']['p99']:.3f} s "
                         f"tpot p50 {summary['tpot_s']['p50'] * 1e3:.1f} ms "
                         f"tok/s {summary['output_tok_s']:.0f} cores {summary['cpu_cores']}\n"
-                        f"  engines {summary['engines']}",
+                        f"  engines {summary['engines']}\n"
+                        f"  busy while requests arrive {busy_shares(summary.get('engines_arrivals', {}))}",
                         flush=True,
                     )
                     # Past saturation every higher rate fails too: save the device time.

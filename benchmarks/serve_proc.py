@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,30 @@ def counter(metrics_text: str, name: str, label: str) -> dict[str, float]:
 
 def decisions(metrics_text: str) -> dict[str, float]:
     return counter(metrics_text, "pdserve_disagg_decisions_total", "path")
+
+
+class ScrapesAt:
+    """The deployment's /metrics (and CPU seconds) scraped at given wall-clock times (time.time())
+    from a thread of its own, while the caller's load runs: counters over the arrival window, not
+    only over the whole run with its drain."""
+
+    def __init__(self, server: Server, at: list[float]) -> None:
+        self.at = at
+        self.texts: list[str] = []
+        self.cpu: list[dict[str, float]] = []
+        self._thread = threading.Thread(target=self._run, args=(server,), daemon=True)
+        self._thread.start()
+
+    def _run(self, server: Server) -> None:
+        for t in self.at:
+            time.sleep(max(t - time.time(), 0.0))
+            self.texts.append(server.metrics())
+            self.cpu.append(server.cpu_seconds())
+
+    def join(self) -> bool:
+        """True if every scrape was taken."""
+        self._thread.join(timeout=30)
+        return len(self.texts) == len(self.at)
 
 
 def engine_reports(before: str, after: str, wall_s: float) -> dict[str, dict[str, float]]:

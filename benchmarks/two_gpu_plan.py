@@ -12,6 +12,10 @@ lengths); the goodput the planner searches for is printed beside the measured on
     python benchmarks/two_gpu_plan.py --measured results/two_gpu/final \\
         --perf results/two_gpu/perf-gpu.json --perf-raw results/two_gpu/perf-gpu.raw.json \\
         --calibrate 1P1D-whole_short@16.0 --out results/two_gpu/plan.json
+
+The deployments run 2,048-token steps. A profile timed with smaller chunks prices those steps by
+extrapolation (the script warns); `--prefill-step 4096:0.1083` adds a prompt step timed elsewhere
+on the same kind of GPU (gpu_suite.py's 4,096-token prefill) before the refit.
 """
 
 from __future__ import annotations
@@ -36,15 +40,25 @@ from pdserve.router.whole_policy import WholePolicy
 from pdserve.workers.disagg_policy import DisaggPolicy
 
 
-def perf_model(perf: Path, raw: Path | None) -> PerfModel:
+def perf_model(perf: Path, raw: Path | None, extra_prefill: list[PrefillStep] | None = None) -> PerfModel:
+    """The profile, refitted from its raw steps (plus `extra_prefill`, prompt steps timed elsewhere
+    on the same kind of GPU) when they are given."""
     model = PerfModel.load(perf)
     if raw is not None:
         timings = json.loads(raw.read_text())
         terms = fit_steps(
-            [PrefillStep(*r) for r in timings["prefill"]], [DecodeStep(*r) for r in timings["decode"]]
+            [*(PrefillStep(*r) for r in timings["prefill"]), *(extra_prefill or [])],
+            [DecodeStep(*r) for r in timings["decode"]],
         )
         model = dataclasses.replace(model, **terms)
     return model
+
+
+def prefill_step(spec: str) -> PrefillStep:
+    """`TOKENS:SECONDS`: one prompt of TOKENS computed in one step in SECONDS (e.g. gpu_suite.py's
+    4,096-token prefill)."""
+    tokens, seconds = spec.split(":")
+    return PrefillStep(int(tokens), 0, float(seconds))
 
 
 def deployments(perf: PerfModel, threshold: int) -> dict[str, Deployment]:
@@ -72,6 +86,10 @@ def main() -> None:
     ap.add_argument("--measured", type=Path, required=True)
     ap.add_argument("--perf", type=Path, required=True)
     ap.add_argument("--perf-raw", type=Path, default=None)
+    ap.add_argument(
+        "--prefill-step", type=prefill_step, action="append", default=[],
+        help="TOKENS:SECONDS, a prompt step timed elsewhere, added to the profile's before the refit",
+    )  # fmt: skip
     ap.add_argument("--calibrate", default="1P1D_short@8.0", help="the one run the serving cost is fit on")
     ap.add_argument("--threshold", type=int, default=512)
     ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
@@ -81,8 +99,11 @@ def main() -> None:
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     runs = load_runs(args.measured)
     cal = args.measured / f"{args.calibrate}.requests.json"
-    engine = perf_model(args.perf, args.perf_raw)
+    engine = perf_model(args.perf, args.perf_raw, args.prefill_step)
     deps = deployments(engine, args.threshold)
+    coverage = engine.chunk_coverage_warning(deps["1P1D"].max_num_batched_tokens)
+    if coverage:
+        print(f"warning: {coverage}")
     # Every serving term (per step, per streamed token, per prompt, wake-up) fitted on one run; a
     # 1PxD run's requests are split between the decode worker and, served whole, the prefill worker.
     calibrate_on = [RequestResult(**r) for r in json.loads(cal.read_text())]
@@ -93,6 +114,8 @@ def main() -> None:
     report: dict[str, Any] = {
         "perf": {k: v for k, v in dataclasses.asdict(perf).items() if k != "notes"},
         "calibrated_on": args.calibrate,
+        "extra_prefill_steps": [dataclasses.astuple(p) for p in args.prefill_step],
+        "warnings": [coverage] if coverage else [],
         "runs": {},
         "goodput": {},
     }

@@ -167,8 +167,8 @@ def run_sharded(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # Time for the processes to start and import before the first arrival.
-    kwargs["start_at"] = time.time() + 2.0 + 0.25 * procs
+    # Time for the processes to start and import before the first arrival (unless the caller chose).
+    kwargs.setdefault("start_at", time.time() + 2.0 + 0.25 * procs)
     shards = [specs[i::procs] for i in range(procs)]
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [

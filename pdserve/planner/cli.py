@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "--fabric", default="nvlink", help=f"KV link: {' | '.join(FABRICS_GBPS)} or a measured one"
     )
     p.add_argument("--num-requests", type=int, default=200, help="distinct requests in the simulated trace")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="token budget of the planned deployments (default: the one the profile was timed with)",
+    )  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--remote-prefill-threshold", type=int, default=256)
     p.add_argument("--max-queue-per-prefill-worker", type=int, default=4)
@@ -73,6 +77,7 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
         "best": cand(result.best),
         "reasons": result.reasons,
         "command": result.command,
+        "warnings": result.warnings,
         "candidates": [cand(c) for c in result.candidates],
     }
 
@@ -83,10 +88,10 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         link = perf.link_bytes_per_s(args.fabric)
         wl = workload_from_args(args)
         # As `pdserve serve` runs it: remote prefills queued by the router as it routes (early prefill).
+        budget = args.max_num_batched_tokens or perf.max_prefill_chunk or 2048
         base = Deployment(
-            colocated=1, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            early_prefill=True,
-        )  # fmt: skip
+            colocated=1, max_num_batched_tokens=budget, max_num_seqs=args.max_num_seqs, early_prefill=True
+        )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     policy = (
@@ -111,6 +116,8 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for r in result.reasons:
         print(f"  - {r}")
     print(f"\n{result.command}")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.json is not None:
         out = plan_to_dict(result) | {"perf": perf.name, "fabric": args.fabric, "gpus": args.gpus}
         args.json.write_text(json.dumps(out, indent=2, default=str))

@@ -109,6 +109,11 @@ class PerfModel:
     links_gbps: dict[str, float] = field(default_factory=dict)
     # Fixed cost of one KV handoff besides the bytes (messages, handshake, scheduling).
     transfer_overhead_s: float = 0.0
+    # The most prompt tokens one timed step computed (`pdserve profile`'s token budget); 0: unknown.
+    # Steps with bigger chunks are extrapolated from smaller ones, which on a GPU underprices them:
+    # small chunks are bound by reading the weights, big ones by compute (a 512-token profile put a
+    # 4,096-token H100 prefill at 66 ms; it takes 108).
+    max_prefill_chunk: int = 0
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -144,6 +149,16 @@ class PerfModel:
             ):
                 raise ValueError(f"{name} must be ascending (sizes >= 1, seconds >= 0): {table}")
             object.__setattr__(self, name, table)
+
+    def chunk_coverage_warning(self, max_num_batched_tokens: int) -> str | None:
+        """Why steps of this token budget are priced by extrapolation, if they are."""
+        if 0 < self.max_prefill_chunk < max_num_batched_tokens:
+            return (
+                f"the profile timed prompt chunks of at most {self.max_prefill_chunk} tokens; steps of up to "
+                f"{max_num_batched_tokens} are extrapolated from them (on a GPU a big chunk costs more per "
+                f"token than a small one): profile with --max-num-batched-tokens {max_num_batched_tokens}"
+            )
+        return None
 
     def prefill_s(self, tokens: int, cached: int = 0) -> float:
         """A step computing one prompt chunk of `tokens` after `cached` tokens."""

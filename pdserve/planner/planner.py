@@ -95,6 +95,7 @@ class Plan:
     disaggregate: bool
     reasons: list[str] = field(default_factory=list)
     command: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def min_duration_s(slo: SLO) -> float:
@@ -258,6 +259,7 @@ def plan(
         disaggregate=not best.deployment.colocated,
         reasons=_reasons(perf, workload, fabric, best, cands),
         command=serve_command(best.deployment, model, transport_for(fabric)),
+        warnings=[w for w in [perf.chunk_coverage_warning(base.max_num_batched_tokens)] if w],
     )
 
 

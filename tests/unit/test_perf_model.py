@@ -185,6 +185,8 @@ def test_fit_recovers_the_batch_table_gather_curve_and_prompt_terms_from_steps()
     assert [s for _, s in got["decode_gather_s"]] == pytest.approx([s for _, s in gather], rel=1e-6)
     # Without mixed steps their decodes stay unmeasured (decode_seq_s stands in for them).
     assert fit_steps(prefill, decode)["mixed_decode_s"] is None
+    # The biggest chunk timed in one step: what the fit knows first-hand.
+    assert got["max_prefill_chunk"] == 512
     # A profile's raw file gives the same steps back.
     raw = {
         "prefill": [[s.tokens, s.cached, s.seconds] for s in prefill],
@@ -248,3 +250,18 @@ def test_a_prompt_step_pays_its_own_overhead_and_its_decodes_the_mixed_cost() ->
     assert PERF.step_s(4, 400, [(100, 0)]) - PERF.prefill_s(100) == pytest.approx(
         4 * PERF.decode_seq_s + 400 * PERF.decode_ctx_s
     )
+
+
+def test_a_budget_past_the_profiled_chunks_is_flagged() -> None:
+    """Steps bigger than any timed chunk are extrapolated: the model says so, naming the fix."""
+    timed = replace(PERF, max_prefill_chunk=512)
+    warning = timed.chunk_coverage_warning(2048)
+    assert (
+        warning is not None and "at most 512 tokens" in warning and "--max-num-batched-tokens 2048" in warning
+    )
+    assert timed.chunk_coverage_warning(512) is None
+    assert replace(PERF, max_prefill_chunk=0).chunk_coverage_warning(2048) is None  # unknown: silent
+    # Old files without the field load as unknown.
+    d = timed.to_dict()
+    del d["max_prefill_chunk"]
+    assert PerfModel.from_dict(d).max_prefill_chunk == 0

@@ -64,6 +64,29 @@ def test_plan_cli_prints_and_writes_the_plan(tmp_path, capsys) -> None:  # type:
         "conditional 1P1D (prefill serves up to 128 whole)",
     ]  # fmt: skip
     assert "pdserve serve" in capsys.readouterr().out
+    assert result["warnings"] == []  # the model knows no chunk size: nothing to flag
+
+
+def test_plan_defaults_to_the_profiles_budget_and_flags_a_bigger_one(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A profile timed with 512-token chunks plans 512-token steps unless told otherwise; told 2048,
+    the plan warns that its steps are extrapolated."""
+    import json
+
+    from pdserve.cli import main
+
+    perf = tmp_path / "perf.json"
+    dataclasses.replace(GPU, max_prefill_chunk=512).save(perf)
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--perf", str(perf), "--workload", "fixed", "--prompt-len", "128", "--output-len", "32",
+            "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--gpus", "1", "--num-requests", "20",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["warnings"] == []
+    assert "--max-num-batched-tokens 512" in capsys.readouterr().out
+    assert main([*argv, "--max-num-batched-tokens", "2048"]) == 0
+    warnings = json.loads(out.read_text())["warnings"]
+    assert len(warnings) == 1 and "at most 512 tokens" in warnings[0]
+    assert "warning: the profile timed prompt chunks of at most 512" in capsys.readouterr().err
 
 
 def test_an_idle_prefill_worker_serving_whole_requests_doubles_short_only_capacity() -> None:
