@@ -182,7 +182,7 @@ def _fit(
         "decode_batch_s": table,
         "decode_gather_s": gather,
         "mixed_decode_s": x[-1] if mix else None,
-        "max_prefill_chunk": max((s.tokens for s in [*pre, *mix]), default=0),
+        "max_prefill_chunk": max([s.tokens for s in pre] + [s.tokens for s in mix], default=0),
     }
     return terms, error
 
