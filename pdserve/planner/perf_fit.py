@@ -16,7 +16,9 @@ profile without padded decode steps (a third of the positions gathered or more) 
 gathered positions from the batch: its decode-only steps get a linear context term instead. With
 them, the curve and linear context and padding terms are both fitted and the better fit is kept
 (a backend that reads each sequence's own KV pays little for padding, which the curve cannot say);
-the curve is fitted as non-negative rises between knots, so it never falls.
+the curve is fitted as non-negative rises between knots, so it never falls. Where the prompt
+steps show a floor (on a GPU, chunks of a few hundred tokens all cost what reading the weights
+costs), the fit takes it as `prefill_floor_s` under the prompt part, if it cuts the error enough.
 """
 
 from __future__ import annotations
@@ -63,9 +65,12 @@ class MixedStep:
     seconds: float
 
 
-def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
+def fit_nonnegative(
+    rows: list[list[float]], times: list[float], offsets: list[float] | None = None
+) -> list[float]:
     """Least squares on relative error (each row divided by its time, so short steps count as much
-    as long ones), with coefficients that come out negative pinned to 0 and the rest refitted."""
+    as long ones), with coefficients that come out negative pinned to 0 and the rest refitted.
+    `offsets`: a known part of each step's time, outside the coefficients (row . x + offset ~ time)."""
     # A column no step exercises (e.g. padding when no mixed-context step was timed) would make the
     # problem rank-deficient: its coefficient is 0.
     active = [j for j in range(len(rows[0])) if any(r[j] for r in rows)]
@@ -73,7 +78,10 @@ def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
         a = torch.tensor(
             [[r[j] / t for j in active] for r, t in zip(rows, times, strict=True)], dtype=torch.float64
         )
-        b = torch.ones(len(times), 1, dtype=torch.float64)
+        b = torch.tensor(
+            [[1.0 - o / t] for o, t in zip(offsets or [0.0] * len(times), times, strict=True)],
+            dtype=torch.float64,
+        )
         x = torch.linalg.lstsq(a, b).solution.flatten().tolist()
         negative = [active[i] for i, v in enumerate(x) if v < 0]
         if not negative:
@@ -112,19 +120,67 @@ def fit_steps(
     # The gather curve needs positions that vary apart from the batch: padded steps (one long
     # sequence among short ones). Without them, linear context and padding terms only.
     padded = any(3 * s.padded >= s.batch * s.max_ctx for s in dec)  # a third of it padding, or more
-    linear, linear_error = _fit(pre, dec, mix, [])
+    linear, linear_error = _fit_floored(pre, dec, mix, [])
     if not padded:
         return linear
     knots = gather_knots([s.batch * s.max_ctx for s in dec])
-    curve, curve_error = _fit(pre, dec, mix, knots)
+    curve, curve_error = _fit_floored(pre, dec, mix, knots)
     return curve if curve_error <= linear_error else linear
 
 
-def _fit(
+# Floors tried for a step's prompt part, as fractions of the cheapest timed prompt step, and how
+# much a floor must cut the plain line's error to be kept (a profile without one, e.g. a CPU's,
+# keeps its line exactly).
+_FLOOR_FRACTIONS = [i / 32 for i in range(1, 32)]
+_FLOOR_GAIN = 0.8
+
+
+def _fit_floored(
     pre: list[PrefillStep], dec: list[DecodeStep], mix: list[MixedStep], knots: list[int]
 ) -> tuple[dict[str, Any], float]:
+    """`_fit`, with the floor under a step's prompt part that fits best (`prefill_floor_s`): on a
+    GPU a chunk of a few hundred tokens costs what reading the weights costs, a big one what its
+    matrix products compute, and one line through both is too flat for the big ones. Which steps sit
+    on the floor depends on the fitted line: classified again from each fit until it settles."""
+    best, best_error = _fit(pre, dec, mix, knots)
+    if len({s.tokens for s in pre}) < 3:  # a floor and a slope need more than two chunk sizes
+        return best, best_error
+    prompt_steps: list[PrefillStep | MixedStep] = [*pre, *mix]
+    cheapest = min(s.seconds for s in prompt_steps)
+    line_error, floored_best = best_error, None
+    for fraction in _FLOOR_FRACTIONS:
+        floor, terms, floored = cheapest * fraction, best, frozenset[int]()
+        for _ in range(8):
+            on_floor = frozenset(
+                i
+                for i, s in enumerate(prompt_steps)
+                if terms["prefill_token_s"] * s.tokens
+                + terms["attn_pair_s"] * attention_pairs(s.tokens, s.cached)
+                < floor
+            )
+            if on_floor == floored and terms is not best:
+                break
+            floored = on_floor
+            terms, error = _fit(pre, dec, mix, knots, floor, floored)
+        if floored and (floored_best is None or error < floored_best[1]):
+            floored_best = (terms, error)
+    if floored_best is not None and floored_best[1] < _FLOOR_GAIN * line_error:
+        return floored_best
+    return best, best_error
+
+
+def _fit(
+    pre: list[PrefillStep],
+    dec: list[DecodeStep],
+    mix: list[MixedStep],
+    knots: list[int],
+    floor: float = 0.0,
+    floored: frozenset[int] = frozenset(),
+) -> tuple[dict[str, Any], float]:
     """The terms with decode attention on the gather curve at `knots` (none: linear context and
-    padding terms), and the fit's squared relative error summed over the steps."""
+    padding terms), and the fit's squared relative error summed over the steps. The prompt steps
+    numbered in `floored` (prefill steps, then mixed ones) cost `floor` for their prompt part, not
+    their tokens and attention pairs."""
     batches = sorted({s.batch for s in dec})
     # The smallest batch gets no term of its own: its steps pin the overhead every step pays, and
     # the prompt steps' extra fixed cost is then a term of its own.
@@ -149,18 +205,24 @@ def _fit(
     def mixed_memory(s: MixedStep) -> list[float]:
         return [0.0] * width + [float(s.ctx_tokens)] if knots else [float(s.ctx_tokens), 0.0, 0.0]
 
+    def prompt(i: int, s: PrefillStep | MixedStep) -> list[float]:
+        return [0.0, 0.0] if i in floored else [float(s.tokens), attention_pairs(s.tokens, s.cached)]
+
     none = [0.0] * (width + 1)
-    rows = [[1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *none, 0.0] for s in pre]
+    rows = [[1.0, 1.0, *prompt(i, s), *one_hot(0), *none, 0.0] for i, s in enumerate(pre)]
     rows += [[1.0, 0.0, 0.0, 0.0, *one_hot(s.batch), *memory(s), 0.0, 0.0] for s in dec]
     rows += [
-        [1.0, 1.0, s.tokens, attention_pairs(s.tokens, s.cached), *one_hot(0), *mixed_memory(s), s.batch]
-        for s in mix
+        [1.0, 1.0, *prompt(len(pre) + i, s), *one_hot(0), *mixed_memory(s), s.batch]
+        for i, s in enumerate(mix)
     ]
     times = [s.seconds for s in pre] + [s.seconds for s in dec] + [s.seconds for s in mix]
-    x = fit_nonnegative(rows, times)
+    on_floor = [i in floored for i in range(len(pre))] + [False] * len(dec)
+    on_floor += [len(pre) + i in floored for i in range(len(mix))]
+    offsets = [floor if f else 0.0 for f in on_floor]
+    x = fit_nonnegative(rows, times, offsets)
     error = sum(
-        (sum(a * c for a, c in zip(r, x, strict=True)) / t - 1.0) ** 2
-        for r, t in zip(rows, times, strict=True)
+        ((sum(a * c for a, c in zip(r, x, strict=True)) + o) / t - 1.0) ** 2
+        for r, t, o in zip(rows, times, offsets, strict=True)
     )
     k = len(column)
     table = tuple(zip(batches, [0.0, *x[4 : 4 + k]], strict=True)) if batches else ()
@@ -183,6 +245,7 @@ def _fit(
         "decode_gather_s": gather,
         "mixed_decode_s": x[-1] if mix else None,
         "max_prefill_chunk": max([s.tokens for s in pre] + [s.tokens for s in mix], default=0),
+        "prefill_floor_s": floor if floored else 0.0,
     }
     return terms, error
 

@@ -3,8 +3,8 @@
 Fitted by `pdserve profile` on the current hardware, or written from first principles for
 hardware we do not have at hand (then `source` says "modelled"). One engine step costs
 
-    step_s = overhead [+ prefill_overhead] + max(weights_read_s, prefill_token_s * prefill_tokens
-                                 + attn_pair_s * attention_pairs + decode(batch))
+    step_s = overhead [+ prefill_overhead] + max(weights_read_s, prompt + decode(batch))
+    prompt = max(prefill_floor_s, prefill_token_s * prefill_tokens + attn_pair_s * attention_pairs)
              + decode_ctx_s * context_tokens + decode_pad_s * padded_positions
              + serving_step_s + serving_seq_s * streamed_tokens [+ serving_prompt_s]
 
@@ -109,6 +109,10 @@ class PerfModel:
     links_gbps: dict[str, float] = field(default_factory=dict)
     # Fixed cost of one KV handoff besides the bytes (messages, handshake, scheduling).
     transfer_overhead_s: float = 0.0
+    # The least a step's prompt part costs however short the chunk (its tokens and attention pairs
+    # priced by the two terms above, or this, whichever is more): on a GPU a chunk of a few hundred
+    # tokens is bound by reading the weights, a long one by its matrix products. 0 on a CPU.
+    prefill_floor_s: float = 0.0
     # The most prompt tokens one timed step computed (`pdserve profile`'s token budget); 0: unknown.
     # Steps with bigger chunks are extrapolated from smaller ones, which on a GPU underprices them:
     # small chunks are bound by reading the weights, big ones by compute (a 512-token profile put a
@@ -130,6 +134,7 @@ class PerfModel:
             "weights_read_s",
             "decode_pad_s",
             "prefill_overhead_s",
+            "prefill_floor_s",
             "serving_step_s",
             "serving_seq_s",
             "serving_prompt_s",
@@ -201,6 +206,7 @@ class PerfModel:
         `streamed` tokens sent to clients (default: one per decode)."""
         prefill = sum(self.prefill_token_s * n + self.attn_pair_s * attention_pairs(n, c) for n, c in chunks)
         if chunks:
+            prefill = max(prefill, self.prefill_floor_s)
             # Decodes ride along in the prompt's matrix products; attention runs per sequence.
             per_decode = self.decode_seq_s if self.mixed_decode_s is None else self.mixed_decode_s
             decode, padded = per_decode * decode_batch, 0

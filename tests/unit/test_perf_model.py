@@ -265,3 +265,30 @@ def test_a_budget_past_the_profiled_chunks_is_flagged() -> None:
     d = timed.to_dict()
     del d["max_prefill_chunk"]
     assert PerfModel.from_dict(d).max_prefill_chunk == 0
+
+
+def gpu_like_steps(truth: PerfModel) -> tuple[list[PrefillStep], list[DecodeStep]]:
+    prefill = [
+        PrefillStep(n, c, truth.prefill_s(n, c))
+        for n, c in ((64, 0), (256, 0), (512, 0), (2048, 0), (2048, 2048))
+    ]
+    decode = [DecodeStep(b, b * 128, 128, truth.decode_step_s(b, b * 128)) for b in (1, 4, 16)]
+    return prefill, decode
+
+
+def test_a_floor_under_the_prompt_part_is_found_and_prices_big_chunks() -> None:
+    """Small chunks cost what reading the weights costs, big ones what they compute (an H100
+    profile: 64-512 tokens ~14 ms, 2,048 tokens ~52 ms). The fit finds the floor and the slope
+    past it; one line through all of them would put 2,048 tokens ~20% low."""
+    truth = replace(PERF, overhead_s=0.006, prefill_token_s=2e-5, attn_pair_s=2e-9, prefill_floor_s=0.011)
+    prefill, decode = gpu_like_steps(truth)
+    assert truth.prefill_s(64) == truth.prefill_s(512) == pytest.approx(0.017)  # all on the floor
+    got = replace(PERF, **fit_steps(prefill, decode))
+    assert got.prefill_floor_s == pytest.approx(0.011, rel=0.1)
+    for n, c in ((64, 0), (512, 0), (2048, 0), (2048, 2048), (4096, 0)):
+        assert got.prefill_s(n, c) == pytest.approx(truth.prefill_s(n, c), rel=0.05), (n, c)
+    # Without a floor in the steps (a CPU's) the line is kept exactly.
+    line = replace(truth, prefill_floor_s=0.0)
+    flat = fit_steps(*gpu_like_steps(line))
+    assert flat["prefill_floor_s"] == 0.0
+    assert flat["prefill_token_s"] == pytest.approx(2e-5, rel=1e-6)
