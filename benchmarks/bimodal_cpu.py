@@ -40,6 +40,10 @@ CONFIGS = {
         "--max-num-batched-tokens",
         "128",
     ],
+    # 512-token steps, but one request's prompt at most 128 tokens of a step while others wait
+    # (--prefill-chunk-cap): short prompts are admitted beside a long one's chunks.
+    "colocated-cap128": ["--prefill", "0", "--decode", "0", "--colocated", "1", "--pin-cpus"]
+    + ["--prefill-chunk-cap", "128"],
     # One core each. On a CPU every prompt token a decode worker computes stalls its decodes for
     # ~3.5 ms, so nearly every prompt is worth sending to the prefill worker: threshold 32 tokens.
     "1P1D": [

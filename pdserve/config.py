@@ -85,8 +85,17 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata=_help("max running sequences per step"))
     max_num_batched_tokens: int = field(default=512, metadata=_help("token budget per step"))
     enable_chunked_prefill: bool = field(default=True, metadata=_help("split long prompts over steps"))
+    prefill_chunk_cap: int = field(
+        default=0,
+        metadata=_help(
+            "while other requests wait, the most prompt tokens one request computes per step (0: up to "
+            "the whole budget), so short prompts behind a long one are admitted in the same steps"
+        ),
+    )
 
     def __post_init__(self) -> None:
+        if self.prefill_chunk_cap < 0:
+            raise ValueError(f"prefill_chunk_cap must be >= 0, got {self.prefill_chunk_cap}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -2,7 +2,8 @@
 
 One step schedules running requests first (a decode token each, or the next chunk of a prompt
 still being prefilled), then admits waiting requests while budget, sequence slots and KV blocks
-last. When a running request cannot grow, the most recently admitted running request is
+last. With `prefill_chunk_cap`, one request's chunk is capped while others wait (chunking.py), and
+running requests that decode go before those still prefilling. When a running request cannot grow, the most recently admitted running request is
 preempted: its blocks are freed and it goes back to the front of the queue to be recomputed.
 The scheduler moves only request objects; tensors are the runner's business.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.chunking import prompt_chunk
 from pdserve.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -84,9 +86,14 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.cfg.max_num_batched_tokens
         i = 0
+        cap = self.cfg.prefill_chunk_cap if self.cfg.enable_chunked_prefill else 0
+        if cap:
+            # Decodes before prompt chunks (stable: admission order within each), so a short
+            # request admitted beside a long prompt's chunk is not skipped by its next one.
+            self.running.sort(key=lambda r: r.num_uncomputed_tokens > 1)
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_uncomputed_tokens, budget)
+            n = prompt_chunk(req.num_uncomputed_tokens, budget, cap, bool(self.waiting))
             if not self.cfg.enable_chunked_prefill and n < req.num_uncomputed_tokens:
                 i += 1
                 continue
@@ -106,7 +113,7 @@ class Scheduler:
             # A request back from a remote prefill (or its fallback) already holds its blocks.
             computed = self.block_manager.get_computed_blocks(req) if not req.block_table else []
             remaining = req.num_uncomputed_tokens - len(computed) * self.block_manager.block_size
-            n = min(remaining, budget)
+            n = prompt_chunk(remaining, budget, cap, len(self.waiting) > 1)
             if not self.cfg.enable_chunked_prefill and n < remaining:
                 break
             if not self.block_manager.allocate(req, n, computed):

@@ -41,6 +41,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         help="token budget of the planned deployments (default: the one the profile was timed with)",
     )  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument(
+        "--prefill-chunk-cap", type=int, default=0,
+        help="plan deployments whose engines cap one request's prompt chunk while others wait",
+    )  # fmt: skip
     p.add_argument("--remote-prefill-threshold", type=int, default=256)
     p.add_argument("--max-queue-per-prefill-worker", type=int, default=4)
     p.add_argument(
@@ -90,8 +94,9 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # As `pdserve serve` runs it: remote prefills queued by the router as it routes (early prefill).
         budget = args.max_num_batched_tokens or perf.max_prefill_chunk or 2048
         base = Deployment(
-            colocated=1, max_num_batched_tokens=budget, max_num_seqs=args.max_num_seqs, early_prefill=True
-        )
+            colocated=1, max_num_batched_tokens=budget, max_num_seqs=args.max_num_seqs, early_prefill=True,
+            prefill_chunk_cap=args.prefill_chunk_cap,
+        )  # fmt: skip
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     policy = (

@@ -213,6 +213,8 @@ def transport_for(fabric: str) -> str:
 
 def serve_command(dep: Deployment, model: str, transport: str = "tcp") -> str:
     common = f"--max-num-batched-tokens {dep.max_num_batched_tokens} --max-num-seqs {dep.max_num_seqs}"
+    if dep.prefill_chunk_cap:
+        common += f" --prefill-chunk-cap {dep.prefill_chunk_cap}"
     if dep.colocated:
         return f"pdserve serve --model {model} --prefill 0 --decode 0 --colocated {dep.colocated} {common}"
     cmd = f"pdserve serve --model {model} --prefill {dep.prefill} --decode {dep.decode} --transport {transport} {common}"

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pdserve.engine.chunking import prompt_chunk
 from pdserve.planner.perf_model import PerfModel
 
 if TYPE_CHECKING:
@@ -151,20 +152,22 @@ class Engine:
     # ---- the step ----
 
     def _schedule(self) -> list[tuple[Req, int]]:
-        budget = self.dep.max_num_batched_tokens
+        budget, cap = self.dep.max_num_batched_tokens, self.dep.prefill_chunk_cap
         batch: list[tuple[Req, int]] = []
+        if cap:  # decodes before prompt chunks, as the engine's scheduler orders them then
+            self.running.sort(key=lambda r: r.uncomputed > 1)
         if self.dep.kv_blocks is None:  # memory never runs out: the running requests, in order
             for req in self.running:
                 if budget <= 0:
                     break
-                n = min(req.uncomputed, budget)
+                n = prompt_chunk(req.uncomputed, budget, cap, bool(self.waiting))
                 batch.append((req, n))
                 budget -= n
         preempted = False
         i = len(batch) if self.dep.kv_blocks is None else 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.uncomputed, budget)
+            n = prompt_chunk(req.uncomputed, budget, cap, bool(self.waiting))
             while not self.allocate(req, req.num_computed + n):
                 victim = self.running.pop()  # never one already scheduled: those sit before i
                 self._preempt(victim)
@@ -177,7 +180,7 @@ class Engine:
                 i += 1
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.dep.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.uncomputed, budget)
+            n = prompt_chunk(req.uncomputed, budget, cap, len(self.waiting) > 1)
             if not self.allocate(req, req.num_computed + n):
                 break
             self.running.append(self.waiting.popleft())

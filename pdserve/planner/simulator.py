@@ -56,6 +56,8 @@ class Deployment:
     decode: int = 0
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    # --prefill-chunk-cap: one request's prompt tokens per step while others wait (0: no cap).
+    prefill_chunk_cap: int = 0
     fabric: str = "tcp"
     # The decode workers' policy; None = always remote (pure xPyD) when prefill workers exist.
     policy: DisaggPolicy | None = None

@@ -121,8 +121,9 @@ def test_seeded_sampling_is_reproducible(tiny_dirs: dict[str, Path]) -> None:
     assert a[0].token_ids != a[1].token_ids  # n samples use seed, seed+1
 
 
+@pytest.mark.parametrize("cap", [0, 8])  # 8: prompts chunked by 8 tokens while others wait
 def test_smollm2_batch_with_chunked_prefill_matches_transformers(
-    smollm2: LoadedModel, smollm2_hf: torch.nn.Module
+    smollm2: LoadedModel, smollm2_hf: torch.nn.Module, cap: int
 ) -> None:
     tok = smollm2.tokenizer
     assert tok is not None
@@ -139,7 +140,7 @@ def test_smollm2_batch_with_chunked_prefill_matches_transformers(
         )
         for q in questions
     ]
-    llm = LLM("smollm2", loaded=smollm2, max_num_batched_tokens=24, num_blocks=128)
+    llm = LLM("smollm2", loaded=smollm2, max_num_batched_tokens=24, num_blocks=128, prefill_chunk_cap=cap)
     got = ours(llm, prompts)
     assert got == [hf_greedy(smollm2_hf, p, NEW_TOKENS) for p in prompts]
     assert llm.engine.block_manager.num_free_blocks == 128

@@ -117,3 +117,4 @@ def test_the_printed_command_names_the_fabrics_transport() -> None:
     assert "--transport nixl" in serve_command(dep, "m", transport_for("rdma"))
     assert "--transport tcp" in serve_command(dep, "m", transport_for("tcp"))
     assert transport_for("shm") == "shm"  # a measured link is named by its transport
+    assert "--prefill-chunk-cap 256" in serve_command(dataclasses.replace(dep, prefill_chunk_cap=256), "m")

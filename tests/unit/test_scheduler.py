@@ -111,3 +111,37 @@ def test_request_that_can_never_fit_is_rejected() -> None:
         assert "KV blocks" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def steps(sched: Scheduler) -> list[tuple[str, int]]:
+    return [(s.request.request_id, s.num_new_tokens) for s in fake_step(sched).scheduled]
+
+
+def test_a_prefill_chunk_cap_lets_short_prompts_in_beside_a_long_one() -> None:
+    """A 40-token prompt, then two 3-token ones, with a 16-token budget. Without a cap the long one
+    takes every step until it is done and the short ones get their first token in the third step;
+    with a cap of 8 they are prefilled in the first step beside its chunk, decode before its next
+    chunk, and once nothing waits the long prompt takes the whole budget again (its own first token
+    one step later)."""
+
+    def run(cap: int) -> list[list[tuple[str, int]]]:
+        sched = Scheduler(
+            SchedulerConfig(max_num_batched_tokens=16, prefill_chunk_cap=cap), BlockManager(64, 4)
+        )
+        sched.add(make_req("long", 40, max_tokens=2))
+        sched.add(make_req("s1", 3, max_tokens=2, base=100))
+        sched.add(make_req("s2", 3, max_tokens=2, base=200))
+        return [steps(sched) for _ in range(4)]
+
+    assert run(0) == [
+        [("long", 16)],
+        [("long", 16)],
+        [("long", 8), ("s1", 3), ("s2", 3)],
+        [("long", 1), ("s1", 1), ("s2", 1)],
+    ]
+    assert run(8) == [
+        [("long", 8), ("s1", 3), ("s2", 3)],  # s2 has nobody behind it: its chunk is not capped
+        [("s1", 1), ("s2", 1), ("long", 14)],  # decodes first, then the long prompt, uncapped
+        [("long", 16)],
+        [("long", 2)],
+    ]

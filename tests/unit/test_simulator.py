@@ -245,3 +245,22 @@ def test_early_prefill_done_before_the_reservation_waits_for_it() -> None:
     reserved = float(late.phases["enqueued"])
     assert float(r.phases["kv_seconds"]) > reserved > FAST.prefill_s(5)
     assert r.ttft_s is not None and late.ttft_s is not None and r.ttft_s <= late.ttft_s
+
+
+def test_a_prefill_chunk_cap_takes_short_prompts_out_from_behind_a_long_one() -> None:
+    """A 2,000-token prompt, then four 50-token ones a moment later, 512-token steps. Uncapped, the
+    short ones wait for the long prompt's remaining chunks; capped at 256 tokens while others wait,
+    they are prefilled beside its next chunk, as the engine's scheduler does (chunking.py)."""
+    reqs = [SimRequest(0, 0.0, 2000, 4)] + [SimRequest(i, 0.001, 50, 4) for i in range(1, 5)]
+
+    def ttfts(cap: int) -> list[float]:
+        dep = Deployment(colocated=1, max_num_batched_tokens=512, prefill_chunk_cap=cap)
+        return [r.ttft_s or math.inf for r in sorted(simulate(PERF, dep, reqs), key=lambda r: r.index)]
+
+    plain, capped = ttfts(0), ttfts(256)
+    # Uncapped: the short ones start after the long prompt's 4 chunks (0.5 s of prefill and more).
+    assert min(plain[1:]) > 4 * PERF.overhead_s + 2000 * PERF.prefill_token_s - 0.01
+    # Capped: the first short prompt is done within the step after the first chunk; the long one
+    # pays a little (its chunks shrink while the others wait).
+    assert max(capped[1:]) < 0.5 * min(plain[1:])
+    assert plain[0] <= capped[0] < 1.5 * plain[0]
