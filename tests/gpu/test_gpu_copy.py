@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("triton")  # the kernels' compiler: on GPU machines (and the interpreter's CPU runs)
+
 from pdserve.kv_transfer.gpu_copy import copy_slots, fingerprint_slots, pointer_table
 
 pytestmark = pytest.mark.gpu
