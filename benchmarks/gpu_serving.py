@@ -90,6 +90,10 @@ def compare_configs(n: int, threshold: int, prefill: int = 0) -> dict[str, list[
         # targets, at the cost of more steps per prompt (only with --configs).
         f"{n}xcolocated-chunk512": ["--prefill", "0", "--decode", "0", "--colocated", str(n)]
         + ["--max-num-batched-tokens", "512"],
+        # 2,048-token steps, one request's prompt at most 512 of them while others wait: short
+        # prompts are admitted beside a long one's chunks (only with --configs).
+        f"{n}xcolocated-cap512": ["--prefill", "0", "--decode", "0", "--colocated", str(n)]
+        + ["--prefill-chunk-cap", "512"],
         # One engine inside the API server, no router and no worker hop: what the HTTP-side
         # architecture costs, next to 1xcolocated (only with --configs, only for one GPU).
         "inprocess": ["--inprocess"],
@@ -232,7 +236,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     names = args.configs or [
         name
         for name in every
-        if name != "inprocess" and not name.endswith(("after-decision", "chunk512", "jobs"))
+        if name != "inprocess" and not name.endswith(("after-decision", "chunk512", "cap512", "jobs"))
     ]
     configs = {name: every[name] for name in names}
     report = header(args) | {

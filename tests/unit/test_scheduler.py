@@ -145,3 +145,15 @@ def test_a_prefill_chunk_cap_lets_short_prompts_in_beside_a_long_one() -> None:
         [("long", 16)],
         [("long", 2)],
     ]
+
+
+def test_the_chunk_cap_flag_reaches_the_workers_engines() -> None:
+    """`pdserve serve --prefill-chunk-cap 64` gives every worker's engine the cap: the launcher
+    rebuilds the engine config from the flags it passes on."""
+    from pdserve.cli import build_parser, engine_argv, engine_config
+
+    cfg = engine_config(build_parser().parse_args(["serve", "--prefill-chunk-cap", "64"]))
+    assert cfg.scheduler.prefill_chunk_cap == 64
+    worker = engine_config(build_parser().parse_args(["worker", "--role", "decode", *engine_argv(cfg)]))
+    assert worker.scheduler.prefill_chunk_cap == 64
+    assert engine_config(build_parser().parse_args(["serve"])).scheduler.prefill_chunk_cap == 0
