@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_proc import ScrapesAt, Server, decisions, engine_reports
+from serve_proc import ScrapesAt, Server, cores_busy, decisions, engine_reports
 
-from pdserve.bench.client import RequestResult, run, run_sharded
+from pdserve.bench.client import RequestResult, run, run_sharded, sharded_start_at
 from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, stats, summarize
 from pdserve.bench.workload import LengthSampler, RequestSpec, random_prompt, synthetic
 from pdserve.engine.shapes import get_shape
@@ -267,7 +267,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     wall = time.monotonic()
                     # The engines' counters also over the arrival window (first to last send): over
                     # the whole run the drain after the last arrival reads as idle time.
-                    start_at = time.time() + 2.0 + 0.25 * args.client_procs
+                    start_at = sharded_start_at(args.client_procs)
                     arrivals_s = max(s.arrival_s for s in specs)
                     window = ScrapesAt(server, [start_at, start_at + arrivals_s])
                     results = run_sharded(
@@ -283,22 +283,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     # which the deployment idles (rates and busy shares ~20% low otherwise).
                     span, summary["wall_s"] = summary["duration_s"], wall
                     # Cores busy per process over the run (router near 1.0: it is the bottleneck).
-                    summary["cpu_cores"] = {
-                        k: round((cpu_after[k] - cpu_before[k]) / span, 3)
-                        for k in cpu_after
-                        if k in cpu_before
-                    }
+                    summary["cpu_cores"] = cores_busy(cpu_before, cpu_after, span)
                     summary["prefill_paths"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                     summary["kv_seconds"] = kv_seconds(results)
                     # Is each engine thread busy (and with what) or waiting for work?
                     summary["engines"] = engine_reports(metrics_before, metrics_after, span)
                     if window.join() and arrivals_s > 0:
                         summary["engines_arrivals"] = engine_reports(*window.texts, arrivals_s)
-                        summary["cpu_cores_arrivals"] = {
-                            k: round((window.cpu[1][k] - window.cpu[0][k]) / arrivals_s, 3)
-                            for k in window.cpu[1]
-                            if k in window.cpu[0]
-                        }
+                        summary["cpu_cores_arrivals"] = cores_busy(*window.cpu, arrivals_s)
                     key = f"{cfg}/{workload}@{rate}"
                     report["runs"][key] = summary
                     curve.append((rate, summary["slo_attainment"]))

@@ -76,6 +76,11 @@ class Server:
         self.log.close()
 
 
+def cores_busy(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores each process kept busy between two `Server.cpu_seconds()` readings `seconds` apart."""
+    return {k: round((after[k] - before[k]) / seconds, 3) for k in after if k in before}
+
+
 def _proc_cpu_s(pid: int) -> float:
     """user + system CPU seconds of a live process (Linux /proc), NaN elsewhere."""
     try:

@@ -64,7 +64,8 @@ def gpu_wait() -> str:
 def kv_copy_programs() -> int:
     """PDSERVE_KV_COPY_PROGRAMS: a cuda_ipc copy runs at most this many GPU programs per layer half
     (each walks a stride of 8-token tiles); 0 runs one per tile. Few programs leave the prompt's
-    forward its SMs while the copy writes over the link (kv_transfer/gpu_copy.py)."""
+    forward more of its SMs while the copy writes over the link; measured no better on two H100s
+    (kv_transfer/gpu_copy.py)."""
     value = int(os.environ.get("PDSERVE_KV_COPY_PROGRAMS", "0") or 0)
     if value < 0:
         raise ValueError(f"PDSERVE_KV_COPY_PROGRAMS must be >= 0, got {value}")

@@ -151,6 +151,12 @@ def _shard(
     return asyncio.run(run(base_url, specs, model, **kwargs))
 
 
+def sharded_start_at(procs: int) -> float:
+    """When `procs` client processes started now can all send their first request: time to start
+    and import (time.time())."""
+    return time.time() + 2.0 + 0.25 * procs
+
+
 def run_sharded(
     base_url: str,
     specs: list[RequestSpec],
@@ -168,7 +174,7 @@ def run_sharded(
     from concurrent.futures import ProcessPoolExecutor
 
     # Time for the processes to start and import before the first arrival (unless the caller chose).
-    kwargs.setdefault("start_at", time.time() + 2.0 + 0.25 * procs)
+    kwargs.setdefault("start_at", sharded_start_at(procs))
     shards = [specs[i::procs] for i in range(procs)]
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [

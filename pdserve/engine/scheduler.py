@@ -3,8 +3,9 @@
 One step schedules running requests first (a decode token each, or the next chunk of a prompt
 still being prefilled), then admits waiting requests while budget, sequence slots and KV blocks
 last. With `prefill_chunk_cap`, one request's chunk is capped while others wait (chunking.py), and
-running requests that decode go before those still prefilling. When a running request cannot grow, the most recently admitted running request is
-preempted: its blocks are freed and it goes back to the front of the queue to be recomputed.
+running requests that decode go before those still prefilling. When a running request cannot
+grow, the most recently admitted running request is preempted: its blocks are freed and it goes
+back to the front of the queue to be recomputed.
 The scheduler moves only request objects; tensors are the runner's business.
 """
 

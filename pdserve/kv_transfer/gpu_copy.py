@@ -4,9 +4,10 @@ fingerprint of slots to check what landed.
 The copy reads each token's K and V straight from the sender's paged cache and writes them into the
 receiver's reserved slots: no gathered intermediate, so a transfer moves each byte once. One launch
 covers a whole layer group: the layers' base addresses come from pointer tables. A launch may be
-held to a few programs per layer (each walks a stride of token tiles): a copy that runs beside the
-prompt's forward, writing to another GPU, then occupies a few SMs for longer instead of all of them
-for a moment, which is what delays the forward's next layer. The fingerprint
+held to a few programs per layer (each walks a stride of token tiles), so a copy beside the
+prompt's forward occupies a few SMs for longer instead of all of them for a moment; on two H100s
+neither that nor the copy engines slowed the forward measurably less than one program per tile
+(benchmarks/copy_interference.py). The fingerprint
 is the int64 sum of the values' bit patterns (order-free, so both sides get the same number from
 their own slot order), one launch over all layers of a request.
 """
@@ -50,6 +51,8 @@ def _slots_kernel(
     layer = layer_start + tl.program_id(1) // 2
     half = (tl.program_id(1) % 2).to(tl.int64)
     src = tl.load(src_table + layer).to(tl.pointer_type(DTYPE)) + half * src_half
+    if COPY:
+        dst = tl.load(dst_table + layer).to(tl.pointer_type(DTYPE)) + half * dst_half
     r = tl.arange(0, BLOCK_ROW)
     # Program p takes token tiles p, p + P, p + 2P, ... (P programs per layer half).
     for tile in range(tl.program_id(0), tl.cdiv(num_tokens, TOKENS), tl.num_programs(0)):
@@ -60,7 +63,6 @@ def _slots_kernel(
         x = tl.load(src + src_slot[:, None] * ROW + r[None, :], mask=mask, other=0.0)
         if COPY:
             dst_slot = tl.load(dst_slots + t, mask=tmask, other=0).to(tl.int64)
-            dst = tl.load(dst_table + layer).to(tl.pointer_type(DTYPE)) + half * dst_half
             tl.store(dst + dst_slot[:, None] * ROW + r[None, :], x, mask=mask)
         else:
             bits = x.to(BITS, bitcast=True).to(tl.int64)

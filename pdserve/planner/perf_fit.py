@@ -147,9 +147,9 @@ def _fit_floored(
         return best, best_error
     prompt_steps: list[PrefillStep | MixedStep] = [*pre, *mix]
     cheapest = min(s.seconds for s in prompt_steps)
-    line_error, floored_best = best_error, None
+    floored_best = None
     for fraction in _FLOOR_FRACTIONS:
-        floor, terms, floored = cheapest * fraction, best, frozenset[int]()
+        floor, terms, floored = cheapest * fraction, best, None
         for _ in range(8):
             on_floor = frozenset(
                 i
@@ -158,13 +158,13 @@ def _fit_floored(
                 + terms["attn_pair_s"] * attention_pairs(s.tokens, s.cached)
                 < floor
             )
-            if on_floor == floored and terms is not best:
+            if on_floor == floored:
                 break
             floored = on_floor
             terms, error = _fit(pre, dec, mix, knots, floor, floored)
         if floored and (floored_best is None or error < floored_best[1]):
             floored_best = (terms, error)
-    if floored_best is not None and floored_best[1] < _FLOOR_GAIN * line_error:
+    if floored_best is not None and floored_best[1] < _FLOOR_GAIN * best_error:
         return floored_best
     return best, best_error
 
@@ -216,9 +216,9 @@ def _fit(
         for i, s in enumerate(mix)
     ]
     times = [s.seconds for s in pre] + [s.seconds for s in dec] + [s.seconds for s in mix]
-    on_floor = [i in floored for i in range(len(pre))] + [False] * len(dec)
-    on_floor += [len(pre) + i in floored for i in range(len(mix))]
-    offsets = [floor if f else 0.0 for f in on_floor]
+    # Prompt steps numbered prefill first, then mixed; decode-only steps have no prompt part.
+    offsets = [floor if i in floored else 0.0 for i in range(len(pre))] + [0.0] * len(dec)
+    offsets += [floor if len(pre) + i in floored else 0.0 for i in range(len(mix))]
     x = fit_nonnegative(rows, times, offsets)
     error = sum(
         ((sum(a * c for a, c in zip(r, x, strict=True)) + o) / t - 1.0) ** 2

@@ -9,9 +9,9 @@ adds decode capacity.
 Long prompts keep priority on the prefill pool. A prefill worker takes a whole request only while
 it has no prefill work at all (an empty shared queue, no job of its own, nothing waiting in its
 engine) -- or, with `job_streams` set, while it holds jobs but its whole requests plus
-`job_streams` per job still weigh less than the decode worker's streams: under a steady stream of
-long prompts the prefill GPU is then not left half idle while the decode GPU saturates (the whole
-requests' tokens ride along in the prompts' chunked steps). It holds at most `max_whole_per_worker` of them, with its KV cache at most
+`job_streams` per job still weigh less than the decode worker's streams (the whole requests'
+tokens ride along in the prompts' chunked steps; on two H100s this moved work but not goodput,
+docs/benchmarks.md). It holds at most `max_whole_per_worker` of them, with its KV cache at most
 `max_kv_usage` full: a long prompt that arrives later finds blocks free, and shares each step with
 a bounded decode batch (the scheduler runs running requests first, so at most that many decode
 tokens come out of the step's token budget before the prompt's chunk).
