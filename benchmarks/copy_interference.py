@@ -10,19 +10,31 @@ scattered blocks, as the cuda_ipc transport does during the forward. Variants:
 - the copy kernel into GPU 1's cache, one program per 8-token tile (`PDSERVE_KV_COPY_PROGRAMS=0`)
   and with a few programs per layer half, each walking a stride of tiles;
 - the copy engines instead of a kernel (`copy_` of one contiguous run of blocks per layer to GPU
-  1): the best case a DMA path could reach, since real destinations are scattered blocks.
+  1): the best case a DMA path could reach, since real destinations are scattered blocks; and in
+  runs of 16 blocks, one memcpy each;
+- the copy kernel launched on GPU 1, reading GPU 0's cache (a pull by the receiving GPU);
 
-Reported per variant: the forward's time (the median over `--rounds` of `--repeats` each, variants interleaved; CUDA events), how much
-longer than without copies, and how long after the forward the last copy ends (what a request
-waits for its KV beyond its prefill).
+- the copy kernel to GPU 1 while the forward runs on a high-priority stream (the block scheduler
+  then hands free SMs to the forward's kernels first, the copy's programs fill in).
 
-    python benchmarks/copy_interference.py --programs 0 64 16 4 --json results/copy_interference.json
+Then what the copies cost the receiving GPU: a decode-like step there (64 tokens through every
+layer's matmuls) with 2 layers' KV pushed from GPU 0 or pulled by GPU 1 at the same time.
+
+Every iteration runs one forward of each variant, in a fresh random order, so clocks and
+temperature drift over all of them alike; each variant's cost is the per-iteration difference from
+the no-copy forward of the same iteration (paired), reported as a mean with its 95% interval and as
+a median, beside the forward's time (CUDA events) and how long after the forward the last copy ends
+(what a request waits for its KV beyond its prefill).
+
+    python benchmarks/copy_interference.py --programs 0 16 --iterations 150 --json results/copy_interference.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -93,13 +105,11 @@ def scattered_slots(tokens: int, num_blocks: int, device: torch.device, seed: in
 
 
 def timed(
-    prefill: Prefill, copy: Any, side: torch.cuda.Stream, repeats: int
-) -> tuple[list[float], list[float]]:
-    """Forward times and the copies' tail after each (ms)."""
-    main = torch.cuda.current_stream(prefill.device)
-    forwards: list[float] = []
-    tails: list[float] = []
-    for r in range(repeats + 1):  # the first warms up (allocator, kernels' compilation)
+    prefill: Prefill, copy: Any, side: torch.cuda.Stream, stream: torch.cuda.Stream | None
+) -> tuple[float, float]:
+    """One forward's time and the copies' tail after it (ms); the forward on `stream` if given."""
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        main = torch.cuda.current_stream(prefill.device)
         start, end, copied = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
 
@@ -115,19 +125,88 @@ def timed(
         side.wait_stream(main)
         copied.record(side)
         main.wait_stream(side)
-        torch.cuda.synchronize()
-        if r >= 1:
-            forwards.append(start.elapsed_time(end))
-            tails.append(start.elapsed_time(copied) - start.elapsed_time(end))
-    return forwards, tails
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), start.elapsed_time(copied) - start.elapsed_time(end)
+
+
+def paired(diffs: list[float]) -> dict[str, float]:
+    """Mean of per-iteration differences with a normal 95% interval, and their median (ms)."""
+    mean = statistics.fmean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {
+        "mean_ms": mean,
+        "ci_low_ms": mean - half,
+        "ci_high_ms": mean + half,
+        "median_ms": statistics.median(diffs),
+    }
+
+
+def sync_all() -> None:
+    for d in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(d)
+
+
+def receiver_cost(
+    copies: dict[str, Any], device: torch.device, iterations: int
+) -> dict[str, dict[str, float]]:
+    """What a copy of 2 layers' KV (what arrives during ~2 layers of the prefill) costs a
+    decode-like step on the receiving GPU: 64 tokens through the 32 layers' matmuls, bound by
+    reading the weights. Paired per iteration with the step alone, as above."""
+    w = weights(device)
+    x0 = torch.randn(64, HIDDEN, device=device, dtype=torch.bfloat16)
+    main = torch.cuda.current_stream(device)
+
+    def step(copy: Any) -> float:
+        sync_all()
+        if copy is not None:
+            copy()  # queued on its own stream (either GPU) before the step, so both run at once
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(main)
+            x = x0
+            for layer in w:
+                x = x + (x @ layer["qkv"])[:, :HIDDEN] @ layer["o"]
+                gate, up = (x @ layer["gu"]).chunk(2, dim=-1)
+                x = x + (F.silu(gate) * up) @ layer["down"]
+            end.record(main)
+        sync_all()
+        return start.elapsed_time(end)
+
+    variants: dict[str, Any] = {"alone": None, **copies}
+    rng = random.Random(1)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    diffs: dict[str, list[float]] = {name: [] for name in variants}
+    for it in range(iterations + 1):
+        order = list(variants)
+        rng.shuffle(order)
+        got = {name: step(variants[name]) for name in order}
+        if it == 0:
+            continue
+        for name, t in got.items():
+            times[name].append(t)
+            diffs[name].append(t - got["alone"])
+    out: dict[str, dict[str, float]] = {}
+    print(
+        f"{'receiving GPU: decode-like step':72s} {'step':>8s} {'slower: mean (95% CI) / median':>32s}  (ms)"
+    )
+    for name in variants:
+        row = {"step_ms": statistics.median(times[name])} | {
+            f"slower_{k}": v for k, v in paired(diffs[name]).items()
+        }
+        out[name] = row
+        print(
+            f"{name:72s} {row['step_ms']:8.2f} {row['slower_mean_ms']:+7.2f} ({row['slower_ci_low_ms']:+.2f} .. "
+            f"{row['slower_ci_high_ms']:+.2f}) / {row['slower_median_ms']:+.2f}",
+            flush=True,
+        )
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--programs", type=int, nargs="+", default=[0, 64, 16, 4])
-    ap.add_argument("--repeats", type=int, default=5, help="forwards per variant and round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--programs", type=int, nargs="+", default=[0, 16])
+    ap.add_argument("--iterations", type=int, default=100, help="forwards per variant")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -165,27 +244,108 @@ def main() -> None:
 
         variants["copy engines, GPU 1, one contiguous run"] = dma
 
-    # Rounds of every variant in turn, so clocks and temperature drift over all of them alike.
+        def dma_runs(i: int, blocks: int = 16) -> None:
+            # Runs of `blocks` blocks (256 tokens) at scattered places: one memcpy per run and half.
+            for half in range(2):
+                for r in range(0, run, blocks):
+                    at = (3 * r) % (num_blocks - blocks)  # [at, at + blocks) in the destination
+                    remote[i][half, at : at + blocks].copy_(
+                        prefill.cache[i][half, r : r + blocks], non_blocking=True
+                    )
+
+        variants["copy engines, GPU 1, runs of 16 blocks"] = dma_runs
+
+        # Pull: the kernel runs on GPU 1 and reads GPU 0's cache over NVLink, so the prefill GPU's
+        # SMs do no copying (what a decode worker copying its own KV in would cost the prefill).
+        with torch.cuda.device(peer):
+            prefill.cache[0][:, :1].copy_(remote[0][:, :1])  # peer access from GPU 1 to GPU 0
+        torch.cuda.synchronize()
+        pull = torch.cuda.Stream(peer)
+        pull_src = src_table.to(peer)
+        pull_dst = pointer_table(remote)
+        pull_src_slots = prefill.slots.to(peer)
+        pull_dst_slots = scattered_slots(args.tokens, num_blocks, peer, seed=1)
+
+        def pulled(i: int) -> None:
+            ready = torch.cuda.Event()
+            ready.record()  # on the side stream (GPU 0), which has waited for layer i
+            pull.wait_event(ready)
+            with torch.cuda.device(peer), torch.cuda.stream(pull):
+                like = prefill.cache[0]
+                copy_slots(
+                    pull_src, pull_dst, like, like.stride(0), remote[0].stride(0), i, i + 1,
+                    pull_src_slots, pull_dst_slots, 0,
+                )  # fmt: skip
+                done = torch.cuda.Event()
+                done.record()
+            torch.cuda.current_stream(src_dev).wait_event(done)  # the side stream: the tail ends with it
+
+        variants["kernel on GPU 1 pulling from GPU 0, one program per tile"] = pulled
+
+    hi = torch.cuda.Stream(src_dev, priority=-1)  # lower numbers run first; 0 is the default's
+    streams: dict[str, torch.cuda.Stream | None] = {name: None for name in variants}
+    if peer is not None:
+        name = "kernel, GPU 1, one program per tile, forward on a high-priority stream"
+        variants[name], streams[name] = variants["kernel, GPU 1, one program per tile"], hi
+
+    rng = random.Random(0)
     forwards: dict[str, list[float]] = {name: [] for name in variants}
     tails: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, copy in variants.items():
-            f, t = timed(prefill, copy, side, args.repeats)
-            forwards[name] += f
-            tails[name] += t
+    diffs: dict[str, list[float]] = {name: [] for name in variants}
+    for it in range(args.iterations + 1):  # the first warms up (allocator, kernels' compilation)
+        order = list(variants)
+        rng.shuffle(order)
+        times = {name: timed(prefill, variants[name], side, streams[name]) for name in order}
+        if it == 0:
+            continue
+        for name, (fwd, tail) in times.items():
+            forwards[name].append(fwd)
+            tails[name].append(tail)
+            diffs[name].append(fwd - times["no copy"][0])
     results: dict[str, dict[str, float]] = {}
-    base = statistics.median(forwards["no copy"])
-    print(f"{'variant':55s} {'forward ms':>10s} {'slower ms':>10s} {'tail ms':>8s}")
+    print(f"{'variant':72s} {'forward':>8s} {'slower: mean (95% CI) / median':>32s} {'tail':>6s}  (ms)")
     for name in variants:
-        fwd = statistics.median(forwards[name])
-        row = {"forward_ms": fwd, "slower_ms": fwd - base, "tail_ms": statistics.median(tails[name])}
-        row["forward_min_ms"] = min(forwards[name])
+        row = {"forward_ms": statistics.median(forwards[name]), "forward_min_ms": min(forwards[name])}
+        row["tail_ms"] = statistics.median(tails[name])
+        row |= {f"slower_{k}": v for k, v in paired(diffs[name]).items()}
         results[name] = row
-        print(f"{name:55s} {fwd:10.2f} {fwd - base:10.2f} {row['tail_ms']:8.2f}", flush=True)
+        print(
+            f"{name:72s} {row['forward_ms']:8.2f} {row['slower_mean_ms']:+7.2f} ({row['slower_ci_low_ms']:+.2f} .. "
+            f"{row['slower_ci_high_ms']:+.2f}) / {row['slower_median_ms']:+.2f} {row['tail_ms']:6.2f}",
+            flush=True,
+        )
+    receiving: dict[str, dict[str, float]] = {}
+    if peer is not None:
+
+        def push2() -> None:
+            with torch.cuda.stream(side):
+                for i in range(2):
+                    variants["kernel, GPU 1, one program per tile"](i)
+
+        def pull2() -> None:
+            with torch.cuda.stream(side):
+                for i in range(2):
+                    pulled(i)
+
+        receiving = receiver_cost(
+            {"push from GPU 0 (2 layers)": push2, "pull by GPU 1 (2 layers)": pull2}, peer, args.iterations
+        )
     if args.json:
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"gpus": gpus, "tokens": args.tokens, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "gpus": gpus,
+                    "tokens": args.tokens,
+                    "iterations": args.iterations,
+                    "results": results,
+                    "diffs": diffs,
+                    "receiving_gpu": receiving,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ lengths); the goodput the planner searches for is printed beside the measured on
         --perf results/two_gpu/perf-gpu.json --perf-raw results/two_gpu/perf-gpu.raw.json \\
         --calibrate 1P1D-whole_short@16.0 --out results/two_gpu/plan.json
 
-The deployments run 2,048-token steps. A profile timed with smaller chunks prices those steps by
+The refit takes the profile's mixed steps (a prompt chunk beside running decodes) too, when it
+timed them. The deployments run 2,048-token steps. A profile timed with smaller chunks prices those steps by
 extrapolation (the script warns); `--prefill-step 4096:0.1083` adds a prompt step timed elsewhere
 on the same kind of GPU (gpu_suite.py's 4,096-token prefill) before the refit.
 """
@@ -32,7 +33,7 @@ from pdserve.bench.client import RequestResult
 from pdserve.bench.report import SLO, goodput, summarize
 from pdserve.planner.calibrate import calibrate
 from pdserve.planner.fidelity import engine_by_path, replay
-from pdserve.planner.perf_fit import DecodeStep, PrefillStep, fit_steps
+from pdserve.planner.perf_fit import DecodeStep, MixedStep, PrefillStep, fit_steps
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.planner import PlanWorkload, goodput_of, serve_command
 from pdserve.planner.simulator import Deployment, simulate
@@ -49,6 +50,7 @@ def perf_model(perf: Path, raw: Path | None, extra_prefill: list[PrefillStep] | 
         terms = fit_steps(
             [*(PrefillStep(*r) for r in timings["prefill"]), *(extra_prefill or [])],
             [DecodeStep(*r) for r in timings["decode"]],
+            [MixedStep(*r) for r in timings.get("mixed", [])],
         )
         model = dataclasses.replace(model, **terms)
     return model
@@ -78,6 +80,10 @@ def deployments(perf: PerfModel, threshold: int) -> dict[str, Deployment]:
         # gpu_serving.py's 1P1D-whole: idle prefill worker serving short requests whole, up to 128.
         "1P1D-whole": dataclasses.replace(disagg, whole=WholePolicy(threshold, 128)),
         "2xcolocated": Deployment(colocated=2, **base),  # type: ignore[arg-type]
+        # gpu_serving.py's 2xcolocated-cap512: one request's prompt at most 512 tokens a step.
+        "2xcolocated-cap512": Deployment(colocated=2, prefill_chunk_cap=512, **base),  # type: ignore[arg-type]
+        # gpu_serving.py's 1P1D-whole-jobs: whole requests also beside prefill jobs.
+        "1P1D-whole-jobs": dataclasses.replace(disagg, whole=WholePolicy(threshold, 128, job_streams=32)),
     }
 
 

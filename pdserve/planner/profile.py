@@ -87,7 +87,9 @@ def _engine(spec: ProfileSpec) -> Any:
         model=ModelConfig(spec.model, dtype=spec.dtype, device=spec.device),
         cache=CacheConfig(kv_cache_memory_gb=1.0, enable_prefix_caching=False),
         scheduler=SchedulerConfig(
-            max_num_seqs=max(spec.decode_batches), max_num_batched_tokens=spec.max_num_batched_tokens
+            # One more than any timed batch: a mixed step's new prompt joins the largest one.
+            max_num_seqs=max([*spec.decode_batches, *spec.chunk_batches]) + 1,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
         ),
     )
     return LLMEngine(cfg)
@@ -210,9 +212,16 @@ def _time_mixed(
         for i in range(steps + 1):  # the first one warms up
             g = torch.Generator().manual_seed(7000 + 100 * b + i)
             prompt = _prompt(engine, tokens, g)
-            engine.add_request(f"{rid}-new-{b}-{i}", prompt, SamplingParams(temperature=0, max_tokens=1))
+            new_id = f"{rid}-new-{b}-{i}"
+            engine.add_request(new_id, prompt, SamplingParams(temperature=0, max_tokens=1))
             ctx = sum(r.num_computed_tokens for r in engine.scheduler.running)
             dt = _timed_step(engine, clock)
+            if any(r.request_id == new_id for r in engine.scheduler.waiting):
+                # A step without the prompt is a decode-only step: timing it as mixed would teach
+                # the fit that a chunk costs nothing.
+                raise RuntimeError(
+                    f"mixed step of {b} decodes + {tokens} prompt tokens ran without the prompt"
+                )
             if i:
                 out.append(MixedStep(b, ctx, tokens, 0, dt))
     for request_id in ids:

@@ -60,3 +60,18 @@ def test_refit_fits_the_saved_timings_again_and_keeps_the_rest(tmp_path: Path) -
     assert [s for _, s in new.decode_gather_s] == pytest.approx([0.01, 0.02, 0.05], rel=1e-6)
     assert new.links_gbps == TRUTH.links_gbps and new.serving_step_s == 0.005  # not the fit's business
     assert "refitted" in new.notes
+
+
+def test_mixed_steps_carry_their_prompt_beside_the_largest_batch() -> None:
+    """The largest timed decode batch leaves room for the mixed step's new prompt: a step that ran
+    the decodes alone was once timed as mixed and taught the fit that the chunk was free."""
+    from pdserve.planner.profile import ProfileSpec, _engine, _time_mixed
+
+    spec = ProfileSpec(
+        model="dummy:tiny-llama", device="cpu", decode_batches=[1, 4], chunk_batches=[1, 4],
+        chunk_tokens=48, max_num_batched_tokens=64, repeats=1, transports=[],
+    )  # fmt: skip
+    engine = _engine(spec)
+    steps = _on_engine_thread(lambda: _time_mixed(engine, 32, [1, 4], 48, 2, "t", lambda: 0.0))
+    assert sorted({s.batch for s in steps}) == [1, 4] and all(s.tokens == 48 for s in steps)
+    assert not engine.scheduler.waiting and not engine.scheduler.running  # every prompt computed and done
