@@ -42,7 +42,7 @@ from typing import Any
 from serve_proc import ScrapesAt, Server, cores_busy, decisions, engine_reports
 
 from pdserve.bench.client import RequestResult, run, run_sharded, sharded_start_at
-from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, stats, summarize
+from pdserve.bench.report import SLO, burst_warning, goodput, plot_attainment, plot_cdfs, stats, summarize
 from pdserve.bench.workload import LengthSampler, RequestSpec, random_prompt, synthetic
 from pdserve.engine.shapes import get_shape
 
@@ -306,6 +306,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                         f"  busy while requests arrive {busy_shares(summary.get('engines_arrivals', {}))}",
                         flush=True,
                     )
+                    if (warning := burst_warning(summary)) is not None:
+                        print(f"  warning: {warning}", flush=True)
                     # Past saturation every higher rate fails too: save the device time.
                     if summary["slo_attainment"] < 0.5:
                         break
@@ -379,7 +381,10 @@ def main() -> None:
     c = sub.choices["compare"]
     c.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0, 16.0])
     c.add_argument(
-        "--duration-s", type=float, default=15.0, help="arrivals per rate (requests = rate x this)"
+        "--duration-s",
+        type=float,
+        default=30.0,
+        help="arrivals per rate (requests = rate x this); a few request lifetimes, or the run measures a burst",
     )
     c.add_argument("--workloads", nargs="+", default=["bimodal", "short"], choices=list(WORKLOADS))
     c.add_argument("--workers", type=int, default=0, help="workers per deployment (default: one per GPU)")

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from pdserve.bench.client import RequestResult, run_sharded
-from pdserve.bench.report import SLO, goodput, plot_attainment, plot_cdfs, summarize
+from pdserve.bench.report import SLO, burst_warning, goodput, plot_attainment, plot_cdfs, summarize
 from pdserve.bench.workload import WORKLOADS, LengthSampler, RequestSpec, load_trace, synthetic
 
 
@@ -156,6 +156,8 @@ def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         report["runs"].append(summary)
         runs[label] = results
         print(f"{label}: " + json.dumps({k: summary[k] for k in ("ttft_s", "tpot_s", "itl_s")}, default=str))
+        if (warning := burst_warning(summary)) is not None:
+            print(f"{label}: warning: {warning}")
     if slo is not None and all(r is not None for r in rates):
         points = [(float(s["rate"]), float(s["slo_attainment"])) for s in report["runs"]]
         report["goodput_req_s"] = goodput(points)

@@ -59,11 +59,25 @@ def longest_gap(r: RequestResult) -> float:
     return max((b - a for a, b in itertools.pairwise(r.chunk_times)), default=0.0)
 
 
+# A run whose arrivals last fewer request lifetimes than this measures a burst the deployment
+# absorbs (and drains after the last arrival), not a load it sustains: on two H100s, 8 s of
+# arrivals (about one lifetime) put two deployments near 40 req/s that sustain 20 over 30 s.
+STEADY_LIFETIMES = 3.0
+
+
+def arrival_window_s(results: list[RequestResult]) -> float:
+    """Seconds from the first request sent to the last."""
+    starts = [r.start for r in results]
+    return max(starts) - min(starts) if starts else 0.0
+
+
 def summarize(results: list[RequestResult], slo: SLO | None = None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     span = max((r.start + (r.e2e_s or 0.0) for r in ok), default=0.0) - min(
         (r.start for r in ok), default=0.0
     )
+    e2e = stats([r.e2e_s for r in ok if r.e2e_s is not None])
+    window = arrival_window_s(results)
     out: dict[str, Any] = {
         "requests": len(results),
         "errors": len(results) - len(ok),
@@ -73,12 +87,26 @@ def summarize(results: list[RequestResult], slo: SLO | None = None) -> dict[str,
         "ttft_s": stats([r.ttft_s for r in ok if r.ttft_s is not None]),
         "tpot_s": stats([t for r in ok if (t := r.tpot_s) is not None]),
         "itl_s": stats([x for r in ok for x in r.itls_s]),
-        "e2e_s": stats([r.e2e_s for r in ok if r.e2e_s is not None]),
+        "e2e_s": e2e,
+        "arrival_window_s": window,
+        # How many median request lifetimes the arrivals lasted (see STEADY_LIFETIMES).
+        "lifetimes_in_window": window / e2e["p50"] if e2e["count"] and e2e["p50"] > 0 else math.nan,
     }
     if slo is not None:
         out["slo"] = {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}
         out["slo_attainment"] = sum(slo.met(r) for r in results) / len(results) if results else math.nan
     return out
+
+
+def burst_warning(summary: dict[str, Any]) -> str | None:
+    """A warning when a run's arrivals were too short to reach a steady state, else None."""
+    lifetimes = summary.get("lifetimes_in_window", math.nan)
+    if math.isnan(lifetimes) or lifetimes >= STEADY_LIFETIMES:
+        return None
+    return (
+        f"arrivals lasted {summary['arrival_window_s']:.1f} s, {lifetimes:.1f} median request lifetimes "
+        f"(< {STEADY_LIFETIMES:g}): this attainment is for a burst, not a sustained rate; run longer"
+    )
 
 
 def goodput(points: Sequence[tuple[float, float]], target: float = 0.9) -> float:

@@ -134,3 +134,34 @@ def test_duration_bound_run_stops_launching(mock_url: str, tmp_path: Path) -> No
     assert main(argv) == 0
     n = json.loads(out.read_text())["runs"][0]["requests"]
     assert 1 <= n <= 15  # ~6 arrivals expected in 0.3 s at 20 req/s
+
+
+def test_a_run_shorter_than_a_few_request_lifetimes_is_flagged_as_a_burst() -> None:
+    from pdserve.bench.client import RequestResult
+    from pdserve.bench.report import burst_warning
+
+    def requests(window_s: float, e2e_s: float) -> list[RequestResult]:
+        n = 50
+        return [
+            RequestResult(
+                i,
+                10,
+                4,
+                start=window_s * i / (n - 1),
+                ttft_s=0.1,
+                chunk_times=[0.1],
+                e2e_s=e2e_s,
+                output_tokens=4,
+            )
+            for i in range(n)
+        ]
+
+    sustained = summarize(requests(window_s=30.0, e2e_s=6.0))
+    assert sustained["arrival_window_s"] == pytest.approx(30.0)
+    assert sustained["lifetimes_in_window"] == pytest.approx(5.0)
+    assert burst_warning(sustained) is None
+    burst = summarize(requests(window_s=8.0, e2e_s=8.0))
+    assert burst["lifetimes_in_window"] == pytest.approx(1.0)
+    warning = burst_warning(burst)
+    assert warning is not None and "burst" in warning and "8.0 s" in warning
+    assert burst_warning(summarize([])) is None  # nothing to judge
