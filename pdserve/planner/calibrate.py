@@ -18,7 +18,9 @@ is read off the run where it shows, in this order, each fit using the ones befor
    hops client → router → worker and back, a remote prefill's hand-offs) plus a cost that grows
    with how long the deployment had idled: on the 2-core VM of docs/planner.md, after a few idle
    seconds the client's and router's hops and the worker's next step all ran slower. Least squares
-   over a grid of time constants.
+   over a grid of time constants. A run under load has no such requests (every GPU run here);
+   then the constant comes from the router's phase marks: the hops in and out of the serving
+   worker, per request (`hop_latencies`).
 
 Medians for the step terms: one stalled step moves no term.
 """
@@ -153,14 +155,36 @@ def _nonnegative_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return a, b
 
 
+def hop_latencies(results: list[RequestResult]) -> list[float]:
+    """Seconds each locally prefilled request spent outside its serving worker's engine before
+    its first token, from the router's phase marks (pdserve's router sends them): from the
+    router's receipt to the worker's (routing, the HTTP hop), plus from the worker's event loop
+    getting the first output to the client reading it (the hops back). The wait for the engine's
+    next step, between the two, is the simulator's own."""
+    out = []
+    for r in results:
+        ph = r.phases or {}
+        received, output = ph.get("worker.received"), ph.get("worker.output_received")
+        if not r.ok or ph.get("prefill_path") != "local" or not isinstance(received, float):
+            continue
+        if isinstance(output, float) and r.ttft_s is not None:
+            out.append(received + r.ttft_s - output)
+    return out
+
+
 def calibrate_wake(results: list[RequestResult], perf: PerfModel, dep: Deployment) -> PerfModel:
     """`perf` with serving_latency_s, wake_s and wake_tau_s fitted on the idle requests' first
-    tokens, measured against the simulation without them."""
+    tokens, measured against the simulation without them. A run without idle requests (a GPU
+    run under load) takes serving_latency_s from its requests' phase marks instead."""
     model = dataclasses.replace(perf, serving_latency_s=0.0, wake_s=0.0, wake_tau_s=0.0)
+    idle = idle_requests(results, dep.max_num_batched_tokens)
+    if not idle:
+        hops = hop_latencies(results)
+        return dataclasses.replace(model, serving_latency_s=statistics.median(hops)) if hops else model
     predicted = {p.index: p for p in simulate(model, dep, replay([r for r in results if r.ok]))}
     points = [
         (idle, (r.ttft_s or 0.0) - (predicted[r.index].ttft_s or 0.0))
-        for r, idle in idle_requests(results, dep.max_num_batched_tokens)
+        for r, idle in idle
         if predicted[r.index].ttft_s is not None
     ]
     latency, wake, tau = fit_wake(points)

@@ -292,3 +292,34 @@ def test_a_floor_under_the_prompt_part_is_found_and_prices_big_chunks() -> None:
     flat = fit_steps(*gpu_like_steps(line))
     assert flat["prefill_floor_s"] == 0.0
     assert flat["prefill_token_s"] == pytest.approx(2e-5, rel=1e-6)
+
+
+def test_a_loaded_run_takes_its_hop_latency_from_the_routers_phase_marks() -> None:
+    """No request of a run under load finds the deployment idle; the hops in and out of the serving
+    worker come from the phase marks instead: receipt at the worker, plus first output to client."""
+    from pdserve.planner.calibrate import calibrate_wake, hop_latencies
+
+    def req(i: int, received: float, output: float, ttft: float, path: str = "local") -> RequestResult:
+        phases: dict[str, float | str] = {"prefill_path": path, "worker.received": received}
+        phases["worker.output_received"] = output
+        return RequestResult(
+            i,
+            100,
+            8,
+            start=0.01 * i,
+            ttft_s=ttft,
+            chunk_times=[ttft, 2.0],
+            e2e_s=2.0,
+            output_tokens=8,
+            phases=phases,
+        )
+
+    results = [req(i, 0.010 + 0.001 * i, 0.080, 0.100) for i in range(5)]  # all overlap: none idle
+    results.append(req(5, 0.5, 0.6, 0.9, path="remote"))  # a remote prefill's hops are not these
+    assert hop_latencies(results) == pytest.approx([0.030, 0.031, 0.032, 0.033, 0.034])
+    perf = PerfModel(
+        name="t", source="measured", kv_bytes_per_token=1, num_layers=1, overhead_s=0.01,
+        prefill_token_s=1e-4, attn_pair_s=0.0, decode_seq_s=1e-3, decode_ctx_s=0.0,
+    )  # fmt: skip
+    model = calibrate_wake(results, perf, Deployment(colocated=1))
+    assert model.serving_latency_s == pytest.approx(0.032) and model.wake_s == 0.0
