@@ -69,7 +69,9 @@ class LLMEngine:
             self.arch, cache.block_size, self.kv_dtype, self._kv_budget_bytes()
         )
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.device.type)
+        # The limits as resolved for this device, for whoever reads them off the engine.
+        self.config = config = dataclasses.replace(config, scheduler=self.scheduler.cfg)
         eos = set(self.arch.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -97,7 +99,7 @@ class LLMEngine:
             self.device.type == "cuda" and backend.name == "triton" and not config.enforce_eager
         )
         if self.cuda_graphs:
-            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+            self.runner.capture_cuda_graphs(self.scheduler.max_num_seqs, self.max_model_len)
         self.async_decode = config.async_decode if config.async_decode is not None else self.cuda_graphs
         self._inflight: InflightStep | None = None  # a launched step not read yet (async_decode)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

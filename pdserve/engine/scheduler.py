@@ -53,8 +53,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager, device_type: str = "cpu") -> None:
+        self.cfg = cfg.for_device(device_type)
+        assert self.cfg.max_num_seqs is not None and self.cfg.max_num_batched_tokens is not None
+        self.max_num_seqs: int = self.cfg.max_num_seqs
+        self.max_num_batched_tokens: int = self.cfg.max_num_batched_tokens
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -72,10 +75,10 @@ class Scheduler:
                 f"[{req.request_id}] needs {needed} KV blocks at its longest, but the cache has "
                 f"{self.block_manager.num_blocks}"
             )
-        if not self.cfg.enable_chunked_prefill and req.num_prompt_tokens > self.cfg.max_num_batched_tokens:
+        if not self.cfg.enable_chunked_prefill and req.num_prompt_tokens > self.max_num_batched_tokens:
             raise ValueError(
                 f"[{req.request_id}] prompt of {req.num_prompt_tokens} tokens exceeds the per-step budget of "
-                f"{self.cfg.max_num_batched_tokens} and chunked prefill is off"
+                f"{self.max_num_batched_tokens} and chunked prefill is off"
             )
         self.requests[req.request_id] = req
         self.waiting.append(req)
@@ -85,7 +88,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.cfg.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         i = 0
         cap = self.cfg.prefill_chunk_cap if self.cfg.enable_chunked_prefill else 0
         if cap:
@@ -109,7 +112,7 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Admit nothing new in a step that had to preempt: memory is short.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             # A request back from a remote prefill (or its fallback) already holds its blocks.
             computed = self.block_manager.get_computed_blocks(req) if not req.block_table else []

@@ -144,13 +144,24 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cpus", default=None, help="pin to these CPUs first, e.g. '0' or '0-1'")
-    p.add_argument("--prefill-tokens", default="64,256,512,2048", help="prompt lengths to time")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget (prompt chunk size)")
+    # Unset: by device (profile.py, PROFILE_DEFAULTS): on a GPU, the steps `pdserve serve` runs there.
+    p.add_argument("--prefill-tokens", default=None, help="prompt lengths to time (CPU: 64,256,512,2048)")
     p.add_argument(
-        "--decode-batches", default="1,2,3,4,5,6,8,12,16,24,32",
-        help="decode batch sizes to time (the step is interpolated between them)",
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget (prompt chunk size; CPU: 512, GPU: 2048)",
+    )
+    p.add_argument(
+        "--decode-batches", default=None,
+        help="decode batch sizes to time (the step is interpolated between them; CPU: 1-6,8,12,16,24,32, "
+        "GPU: 1,16,64,128)",
     )  # fmt: skip
-    p.add_argument("--decode-contexts", default="128,512", help="context per sequence for decode steps")
+    p.add_argument(
+        "--decode-contexts",
+        default=None,
+        help="context per sequence for decode steps (CPU: 128,512; GPU: 512,2048)",
+    )
     p.add_argument(
         "--max-decode-tokens", type=int, default=None,
         help="largest batch x context timed per decode context (each is prefilled first; "
@@ -161,10 +172,14 @@ def add_profile_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="one sequence this long among short ones, to time attention's padding (0: skip)",
     )  # fmt: skip
     p.add_argument(
-        "--chunk-batches", default="1,2,4,8",
-        help="running decodes timed next to a new prompt chunk (mixed steps; empty: skip)",
+        "--chunk-batches", default=None,
+        help="running decodes timed next to a new prompt chunk (mixed steps; empty: skip; CPU: 1,2,4,8; "
+        "GPU: 1,16,64,128)",
     )  # fmt: skip
-    p.add_argument("--chunk-tokens", type=int, default=128, help="the new prompt of a timed mixed step")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=None,
+        help="the new prompt of a timed mixed step (CPU: 128; GPU: the budget less the largest chunk batch)",
+    )  # fmt: skip
     p.add_argument("--transports", default="local,shm,tcp", help="KV transports to time")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
@@ -180,21 +195,32 @@ def run_profile(args: argparse.Namespace) -> int:
 
     if args.refit is not None:
         return _refit(args.refit, args.json)
+    from pdserve.config import ModelConfig
+    from pdserve.planner.profile import profile_defaults
+
+    chosen = {
+        "prefill_tokens": args.prefill_tokens, "decode_batches": args.decode_batches,
+        "decode_contexts": args.decode_contexts, "chunk_batches": args.chunk_batches,
+        "chunk_tokens": args.chunk_tokens, "max_num_batched_tokens": args.max_num_batched_tokens,
+    }  # fmt: skip
+    device_type = ModelConfig(args.model, device=args.device).resolved_device().type
+    steps = profile_defaults(device_type, {k: _parsed(v) for k, v in chosen.items() if v is not None})
     spec = ProfileSpec(
         model=args.model, dtype=args.dtype, device=args.device, threads=args.threads, cpus=args.cpus,
-        prefill_tokens=[int(x) for x in args.prefill_tokens.split(",")],
-        decode_batches=[int(x) for x in args.decode_batches.split(",")],
-        decode_contexts=[int(x) for x in args.decode_contexts.split(",")],
         max_decode_tokens=args.max_decode_tokens, mixed_long_context=args.mixed_context,
-        chunk_batches=[int(x) for x in args.chunk_batches.split(",") if x], chunk_tokens=args.chunk_tokens,
-        transports=[x for x in args.transports.split(",") if x], repeats=args.repeats,
-        max_num_batched_tokens=args.max_num_batched_tokens, clock=args.clock,
+        transports=[x for x in args.transports.split(",") if x], repeats=args.repeats, clock=args.clock,
+        **steps,
     )  # fmt: skip
     perf, raw = profile(spec)
     perf.save(args.json)
     args.json.with_suffix(".raw.json").write_text(json.dumps(raw, indent=1))
     print(json.dumps(perf.to_dict() | {"notes": "..."}, indent=2))
     return 0
+
+
+def _parsed(value: str | int) -> list[int] | int:
+    """A comma-separated flag as its list of ints (empty: none); an int flag as it is."""
+    return value if isinstance(value, int) else [int(x) for x in value.split(",") if x]
 
 
 def _refit(source: Path, out: Path) -> int:

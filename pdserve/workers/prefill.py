@@ -133,7 +133,7 @@ class PrefillWorker:
 
     def _has_room(self) -> bool:
         stats = self.llm.stats()
-        max_seqs = self.llm.engine.config.scheduler.max_num_seqs
+        max_seqs = self.llm.engine.scheduler.max_num_seqs
         # Keep at most one job queued behind the running ones: the rest wait in the shared queue,
         # where an idle prefill worker can take them.
         return stats.num_waiting < 1 and stats.num_running < max_seqs

@@ -75,3 +75,37 @@ def test_mixed_steps_carry_their_prompt_beside_the_largest_batch() -> None:
     steps = _on_engine_thread(lambda: _time_mixed(engine, 32, [1, 4], 48, 2, "t", lambda: 0.0))
     assert sorted({s.batch for s in steps}) == [1, 4] and all(s.tokens == 48 for s in steps)
     assert not engine.scheduler.waiting and not engine.scheduler.running  # every prompt computed and done
+
+
+def test_unset_profile_steps_follow_the_device() -> None:
+    from pdserve.planner.profile import profile_defaults
+
+    cpu, gpu = profile_defaults("cpu", {}), profile_defaults("cuda", {})
+    assert (cpu["max_num_batched_tokens"], cpu["chunk_tokens"], cpu["chunk_batches"]) == (
+        512,
+        128,
+        [1, 2, 4, 8],
+    )
+    # On a GPU the mixed steps are the size `pdserve serve` runs there: a chunk filling the budget
+    # beside the largest batch.
+    assert (gpu["max_num_batched_tokens"], gpu["chunk_tokens"], max(gpu["chunk_batches"])) == (
+        2048,
+        1920,
+        128,
+    )
+    assert 4096 in gpu["prefill_tokens"] and gpu["decode_contexts"] == [512, 2048]
+    mine = profile_defaults("cuda", {"max_num_batched_tokens": 1024, "chunk_batches": [1, 8]})
+    assert (mine["chunk_tokens"], mine["decode_batches"]) == (1016, [1, 16, 64, 128])
+
+
+def test_profile_cli_times_a_tiny_model_on_cpu(tmp_path: Path) -> None:
+    from pdserve.cli import main
+
+    out = tmp_path / "perf.json"
+    argv = ["profile", "--model", "dummy:tiny-llama", "--device", "cpu", "--prefill-tokens", "16,32,64",
+            "--decode-batches", "1,2", "--decode-contexts", "16,32", "--chunk-batches", "1,2", "--chunk-tokens", "24",
+            "--mixed-context", "0", "--transports", "", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    raw = json.loads(out.with_suffix(".raw.json").read_text())
+    assert {m[2] for m in raw["mixed"]} == {24} and {m[0] for m in raw["mixed"]} == {1, 2}
+    assert PerfModel.load(out).max_prefill_chunk == 64

@@ -56,6 +56,19 @@ def test_max_num_seqs() -> None:
     assert len(out.scheduled) == 2 and len(sched.waiting) == 1
 
 
+def test_unset_limits_follow_the_device_and_set_ones_stay() -> None:
+    bm = BlockManager(64, 4)
+    cpu, gpu = Scheduler(SchedulerConfig(), bm), Scheduler(SchedulerConfig(), bm, device_type="cuda")
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (64, 512)
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens) == (256, 2048)
+    mine = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=16), bm, device_type="cuda")
+    assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (3, 16)
+    # The GPU budget is what one step takes: a 4,000-token prompt's first chunk is 2,048 tokens.
+    gpu_big = Scheduler(SchedulerConfig(), BlockManager(2048, 4), device_type="cuda")
+    gpu_big.add(make_req("long", 4000))
+    assert [s.num_new_tokens for s in gpu_big.schedule().scheduled] == [2048]
+
+
 def test_preemption_by_recompute_and_block_accounting() -> None:
     bm = BlockManager(6, 4)  # 24 token slots
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
