@@ -16,7 +16,7 @@ from typing import Any
 from pdserve.bench.cli import add_workload_args, build_specs, sampler_from_args
 from pdserve.bench.report import SLO
 from pdserve.planner.perf_model import FABRICS_GBPS, PerfModel
-from pdserve.planner.planner import Plan, PlanWorkload, plan
+from pdserve.planner.planner import TIE_MARGIN, Plan, PlanWorkload, plan
 from pdserve.planner.simulator import Deployment
 from pdserve.workers.disagg_policy import DisaggPolicy
 
@@ -50,6 +50,10 @@ def add_plan_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument(
         "--conditional", action=argparse.BooleanOptionalAction, default=True,
         help="also consider conditional disaggregation (decode workers decide per request)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tie-margin", type=float, default=TIE_MARGIN,
+        help="co-located wins unless a split serves this share more per GPU (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--served-model", default="MODEL", help="--model in the printed serve command")
     p.add_argument("--json", type=Path, default=None)
@@ -107,7 +111,10 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else None
     )
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-    result = plan(perf, wl, slo, args.gpus, args.fabric, base=base, policy=policy, model=args.served_model)
+    margin = {} if args.tie_margin is None else {"tie_margin": args.tie_margin}
+    result = plan(
+        perf, wl, slo, args.gpus, args.fabric, base=base, policy=policy, model=args.served_model, **margin
+    )
     print(f"perf model: {perf.name} ({perf.source})")
     print(
         f"{'deployment':<22}{'goodput req/s':>14}{'per GPU':>10}{'p99 TTFT s':>12}{'p99 TPOT ms':>13}{'remote':>8}"

@@ -118,3 +118,30 @@ def test_the_printed_command_names_the_fabrics_transport() -> None:
     assert "--transport tcp" in serve_command(dep, "m", transport_for("tcp"))
     assert transport_for("shm") == "shm"  # a measured link is named by its transport
     assert "--prefill-chunk-cap 256" in serve_command(dataclasses.replace(dep, prefill_chunk_cap=256), "m")
+
+
+def test_a_split_must_beat_colocated_by_the_tie_margin() -> None:
+    """Co-located on 4 GPUs at 12.2 req/s per GPU against a split at 13.0 (6.6% more): inside the
+    default 10% the planner's error and the machines' spread span, so co-located; a split 20%
+    ahead wins, and a narrower margin lets the 6.6% through."""
+    from pdserve.planner.planner import Candidate, choose
+
+    def cand(dep: Deployment, per_gpu: float) -> Candidate:
+        return Candidate(dep, per_gpu * dep.gpus, per_gpu, 0.5, 0.03, 0.0 if dep.colocated else 0.4)
+
+    colocated, split = Deployment(colocated=4), Deployment(prefill=2, decode=2)
+    assert choose([cand(colocated, 12.2), cand(split, 13.0)]).deployment is colocated
+    assert choose([cand(colocated, 12.2), cand(split, 13.0)], tie_margin=0.02).deployment is split
+    assert choose([cand(colocated, 10.0), cand(split, 12.0)]).deployment is split
+    assert choose([cand(split, 12.0), cand(colocated, 12.5)]).deployment is colocated
+
+
+def test_the_reasons_name_a_split_kept_out_by_the_margin() -> None:
+    from pdserve.planner.planner import Candidate, _reasons
+
+    wl = PlanWorkload((200, 200, 4000, 200, 4500), (300,) * 5, (0.0, 0.2, 0.4, 0.6, 0.8))
+    colocated = Candidate(Deployment(colocated=4), 48.8, 12.2, 0.9, 0.04, 0.0)
+    split = Candidate(Deployment(prefill=2, decode=2), 52.0, 13.0, 0.9, 0.04, 0.4)
+    reasons = " | ".join(_reasons(GPU, wl, "nvlink", colocated, [colocated, split]))
+    assert "2P2D serves 7% more per GPU" in reasons and "inside the 10%" in reasons
+    assert "serve more than a split pool" not in reasons  # it does not, here
