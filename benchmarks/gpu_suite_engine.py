@@ -249,7 +249,7 @@ class EngineBench:
         table.add("engine", f"prefill {n16}x{short} batched (one step)", f"{t * 1e3:.1f} ms",
                   f"{f / t / 1e12:.0f} TFLOP/s = {100 * f / t / self.matmul_flops:.0f}% of matmul peak",
                   tflops=f / t / 1e12)  # fmt: skip
-        # The default 512-token budget: the same prompt in chunks over the cached prefix.
+        # A 512-token budget (a CPU's default): the same prompt in chunks over the cached prefix.
         eng.scheduler.cfg = dataclasses.replace(eng.scheduler.cfg, max_num_batched_tokens=short)
         ids = self.add("chunked", 1, long, 1)
         sync(self.device)

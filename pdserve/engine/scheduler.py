@@ -54,10 +54,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager, device_type: str = "cpu") -> None:
-        self.cfg = cfg.for_device(device_type)
-        assert self.cfg.max_num_seqs is not None and self.cfg.max_num_batched_tokens is not None
-        self.max_num_seqs: int = self.cfg.max_num_seqs
-        self.max_num_batched_tokens: int = self.cfg.max_num_batched_tokens
+        self.cfg = cfg.for_device(device_type)  # the limits set, from now on
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -65,6 +62,16 @@ class Scheduler:
         # Decode side of a remote prefill: blocks held, KV being written by a prefill worker.
         self.reserved: dict[str, Request] = {}
         self.num_preemptions = 0
+
+    @property
+    def max_num_seqs(self) -> int:
+        assert self.cfg.max_num_seqs is not None  # set by for_device()
+        return self.cfg.max_num_seqs
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        assert self.cfg.max_num_batched_tokens is not None  # set by for_device()
+        return self.cfg.max_num_batched_tokens
 
     def add(self, req: Request) -> None:
         if req.request_id in self.requests:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 from pdserve.config import SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Request, RequestStatus
@@ -67,6 +69,9 @@ def test_unset_limits_follow_the_device_and_set_ones_stay() -> None:
     gpu_big = Scheduler(SchedulerConfig(), BlockManager(2048, 4), device_type="cuda")
     gpu_big.add(make_req("long", 4000))
     assert [s.num_new_tokens for s in gpu_big.schedule().scheduled] == [2048]
+    # The config stays the one source: a budget set on it later (as a benchmark does) applies.
+    gpu_big.cfg = dataclasses.replace(gpu_big.cfg, max_num_batched_tokens=100)
+    assert [s.num_new_tokens for s in gpu_big.schedule().scheduled] == [100]
 
 
 def test_preemption_by_recompute_and_block_accounting() -> None:
