@@ -161,17 +161,18 @@ class DecodeWorker:
         params = req.sampling_params()
         rid = req.request_id
         if self.remote_enabled and req.allow_remote:
-            if req.prefill_started:
+            bm = eng.block_manager
+            cached = len(bm.peek_cached_prefix(req.prompt_token_ids)) * bm.block_size
+            decision = choose_prefill_path(
+                len(req.prompt_token_ids) - cached, req.prefill_queue_depth, req.num_prefill_workers,
+                self.prefill_speed.tokens_per_s, self.policy,
+            )  # fmt: skip
+            if req.prefill_started and (decision.remote or not cached):
                 # The router already runs it on a prefill worker, from the same policy with its view
-                # of our cache: only a shortage of blocks makes us prefill it here after all.
+                # of our cache. That view lags ours by a load poll (~0.1 s): a prompt whose blocks we
+                # cached since (a follow-up sent the moment its previous turn ended) is ours to
+                # prefill; otherwise only a shortage of blocks makes us prefill it here after all.
                 decision = Decision(True, "prefill started early by the router")
-            else:
-                bm = eng.block_manager
-                cached = len(bm.peek_cached_prefix(req.prompt_token_ids)) * bm.block_size
-                decision = choose_prefill_path(
-                    len(req.prompt_token_ids) - cached, req.prefill_queue_depth, req.num_prefill_workers,
-                    self.prefill_speed.tokens_per_s, self.policy,
-                )  # fmt: skip
             logger.info("[%s] prefill %s: %s", rid, "remote" if decision.remote else "local", decision.reason)
             if decision.remote:
                 held = eng.reserve_remote(rid, req.prompt_token_ids, params)

@@ -80,3 +80,20 @@ async def test_without_blocks_it_declines_and_serves_the_prompt_itself() -> None
     tokens = [t for c in chunks for t in c.new_token_ids]
     assert tokens == [t for c in want if isinstance(c, TokenChunk) for t in c.new_token_ids]
     assert len(tokens) == 6 and chunks[0].prefill_path == "local"
+
+
+async def test_a_prompt_it_has_cached_since_the_routers_view_is_its_own_to_prefill() -> None:
+    """The router's view of the cache lags by a load poll: a follow-up sent as its previous turn
+    ends may be started early elsewhere although its prefix sits here. The worker declines it then,
+    and prefills it from its cache; with nothing cached it follows the router (test above)."""
+    worker = DecodeWorker(WorkerConfig(role="decode", kv_transport="local"), _config(), b"s", "http://d")
+    worker.start()
+    try:
+        await _frames(worker, GenerateRequest("turn1", PROMPT, PARAMS))  # short: prefilled here, cached
+        follow_up = [*PROMPT, 4, 6]
+        got = await _frames(worker, GenerateRequest("turn2", follow_up, PARAMS, prefill_started=True))
+    finally:
+        await worker.shutdown()
+    assert isinstance(got[0], PrefillDeclined) and got[0].request_id == "turn2"
+    chunks = [c for c in got[1:] if isinstance(c, TokenChunk)]
+    assert chunks[0].prefill_path == "local" and sum(len(c.new_token_ids) for c in chunks) == 6
