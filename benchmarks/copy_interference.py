@@ -32,7 +32,6 @@ a median, beside the forward's time (CUDA events) and how long after the forward
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import statistics
@@ -108,7 +107,7 @@ def timed(
     prefill: Prefill, copy: Any, side: torch.cuda.Stream, stream: torch.cuda.Stream | None
 ) -> tuple[float, float]:
     """One forward's time and the copies' tail after it (ms); the forward on `stream` if given."""
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+    with torch.cuda.stream(stream):  # None: the current stream
         main = torch.cuda.current_stream(prefill.device)
         start, end, copied = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()

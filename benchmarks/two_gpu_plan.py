@@ -33,7 +33,7 @@ from pdserve.bench.client import RequestResult
 from pdserve.bench.report import SLO, goodput, summarize
 from pdserve.planner.calibrate import calibrate
 from pdserve.planner.fidelity import engine_by_path, replay
-from pdserve.planner.perf_fit import DecodeStep, MixedStep, PrefillStep, fit_steps
+from pdserve.planner.perf_fit import PrefillStep, fit_steps, steps_from_raw
 from pdserve.planner.perf_model import PerfModel
 from pdserve.planner.planner import PlanWorkload, goodput_of, serve_command
 from pdserve.planner.simulator import Deployment, simulate
@@ -46,12 +46,8 @@ def perf_model(perf: Path, raw: Path | None, extra_prefill: list[PrefillStep] | 
     on the same kind of GPU) when they are given."""
     model = PerfModel.load(perf)
     if raw is not None:
-        timings = json.loads(raw.read_text())
-        terms = fit_steps(
-            [*(PrefillStep(*r) for r in timings["prefill"]), *(extra_prefill or [])],
-            [DecodeStep(*r) for r in timings["decode"]],
-            [MixedStep(*r) for r in timings.get("mixed", [])],
-        )
+        prefill, decode, mixed = steps_from_raw(json.loads(raw.read_text()))
+        terms = fit_steps([*prefill, *(extra_prefill or [])], decode, mixed)
         model = dataclasses.replace(model, **terms)
     return model
 

@@ -165,10 +165,13 @@ def hop_latencies(results: list[RequestResult]) -> list[float]:
     for r in results:
         ph = r.phases or {}
         received, output = ph.get("worker.received"), ph.get("worker.output_received")
-        if not r.ok or ph.get("prefill_path") != "local" or not isinstance(received, float):
-            continue
-        if isinstance(output, float) and r.ttft_s is not None:
-            out.append(received + r.ttft_s - output)
+        if (
+            r.ok
+            and ph.get("prefill_path") == "local"
+            and isinstance(received, float)
+            and isinstance(output, float)
+        ):
+            out.append(received + (r.ttft_s or 0.0) - output)
     return out
 
 
@@ -177,14 +180,14 @@ def calibrate_wake(results: list[RequestResult], perf: PerfModel, dep: Deploymen
     tokens, measured against the simulation without them. A run without idle requests (a GPU
     run under load) takes serving_latency_s from its requests' phase marks instead."""
     model = dataclasses.replace(perf, serving_latency_s=0.0, wake_s=0.0, wake_tau_s=0.0)
-    idle = idle_requests(results, dep.max_num_batched_tokens)
-    if not idle:
+    lone = idle_requests(results, dep.max_num_batched_tokens)
+    if not lone:
         hops = hop_latencies(results)
         return dataclasses.replace(model, serving_latency_s=statistics.median(hops)) if hops else model
     predicted = {p.index: p for p in simulate(model, dep, replay([r for r in results if r.ok]))}
     points = [
         (idle, (r.ttft_s or 0.0) - (predicted[r.index].ttft_s or 0.0))
-        for r, idle in idle
+        for r, idle in lone
         if predicted[r.index].ttft_s is not None
     ]
     latency, wake, tau = fit_wake(points)

@@ -111,10 +111,10 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         else None
     )
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
-    margin = {} if args.tie_margin is None else {"tie_margin": args.tie_margin}
     result = plan(
-        perf, wl, slo, args.gpus, args.fabric, base=base, policy=policy, model=args.served_model, **margin
-    )
+        perf, wl, slo, args.gpus, args.fabric, base=base, policy=policy, model=args.served_model,
+        tie_margin=args.tie_margin,
+    )  # fmt: skip
     print(f"perf model: {perf.name} ({perf.source})")
     print(
         f"{'deployment':<22}{'goodput req/s':>14}{'per GPU':>10}{'p99 TTFT s':>12}{'p99 TPOT ms':>13}{'remote':>8}"

@@ -106,7 +106,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 def profile_defaults(device_type: str, chosen: dict[str, Any]) -> dict[str, Any]:
     """ProfileSpec's step fields for a `device_type` engine: `chosen` where given, else the
     device's defaults; on a GPU the mixed steps' chunk fills the budget beside the largest batch."""
-    out = PROFILE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"] | chosen
+    defaults = PROFILE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
+    out: dict[str, Any] = {k: list(v) if isinstance(v, list) else v for k, v in defaults.items()}  # a copy
+    out |= chosen
     if "chunk_tokens" not in out:
         out["chunk_tokens"] = max(out["max_num_batched_tokens"] - max(out["chunk_batches"], default=0), 1)
     return out
