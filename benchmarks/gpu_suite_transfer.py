@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from gpu_suite_common import Table
 
-from pdserve.kv_transfer import cuda_ipc, make_receiver, make_sender
+from pdserve.kv_transfer import cuda_ipc, cuda_ipc_receiver, make_receiver, make_sender
 from pdserve.kv_transfer.base import read_kv, slots_for
 from pdserve.protocol import KVLayout, PrefillDone, PrefillJob
 
@@ -72,8 +72,10 @@ def receiver_main(conn: Any, transport: str) -> None:
 
     rx._on_chunk, rx._on_prefill_done = chunk, completion  # type: ignore[attr-defined]
     check_parts: dict[str, float] = defaultdict(float)
-    cuda_ipc.slots_for = timed(check_parts, "rx_slots_for", cuda_ipc.slots_for)
-    cuda_ipc.fingerprint_slots = timed(check_parts, "rx_fingerprint_launch", cuda_ipc.fingerprint_slots)
+    cuda_ipc_receiver.slots_for = timed(check_parts, "rx_slots_for", cuda_ipc_receiver.slots_for)
+    cuda_ipc_receiver.fingerprint_slots = timed(
+        check_parts, "rx_fingerprint_launch", cuda_ipc_receiver.fingerprint_slots
+    )
     conn.send(rx.endpoint)
     while (msg := conn.recv()) is not None:
         if msg[0] == "batch":  # back to back: report when the last of them is checked

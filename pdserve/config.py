@@ -177,6 +177,20 @@ class ServerConfig:
 
 
 # WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
+KV_PUSH_MODES = ("auto", "stream", "after")
+
+
+def resolve_kv_push(setting: str, transport: str) -> str:
+    """stream | after for a prefill worker's --kv-push on a transport. On GPUs in one host
+    (cuda_ipc), moving the KV while the prompt's forward runs slowed the forward by 1.6-1.9x the
+    copy's own time, by SMs or by copy engines alike (benchmarks/stream_cost.py): copying once the
+    first token is out costs the first token nothing and the decode worker's second token less. Over
+    a network the transfer takes longer than the interference it causes: streaming hides it."""
+    if setting != "auto":
+        return setting
+    return "after" if transport == "cuda_ipc" else "stream"
+
+
 PER_WORKER_FIELDS = (
     "role",
     "worker_id",
@@ -208,6 +222,14 @@ class WorkerConfig:
         default="native", metadata=_help("KV on the wire (tcp): native | bfloat16 | fp8")
     )
     kv_layers_per_chunk: int = field(default=1, metadata=_help("layers per KV message (prefill side)"))
+    kv_push: str = field(
+        default="auto",
+        metadata=_help(
+            "when a prefill worker sends a prompt's KV: stream (layer by layer during the forward) | "
+            "after (all layers once the first token is sampled) | auto (after for cuda_ipc, where a "
+            "copy beside the forward costs it more than the copy takes; stream otherwise)"
+        ),
+    )
     kv_timeout_s: float = field(default=30.0, metadata=_help("remote prefill deadline before local fallback"))
     router_url: str | None = field(
         default=None, metadata=_help("router to pull prefill jobs from (prefill role)")
@@ -283,6 +305,8 @@ class WorkerConfig:
             raise ValueError(f"kv_timeout_s must be > 0, got {self.kv_timeout_s}")
         if self.kv_layers_per_chunk < 1:
             raise ValueError(f"kv_layers_per_chunk must be >= 1, got {self.kv_layers_per_chunk}")
+        if self.kv_push not in KV_PUSH_MODES:
+            raise ValueError(f"kv_push must be {'|'.join(KV_PUSH_MODES)}, got {self.kv_push!r}")
         if self.max_whole_per_prefill_worker < 1:
             raise ValueError(
                 f"max_whole_per_prefill_worker must be >= 1, got {self.max_whole_per_prefill_worker}"

@@ -72,6 +72,16 @@ def kv_copy_programs() -> int:
     return value
 
 
+def kv_copy_with() -> str:
+    """PDSERVE_KV_COPY: what moves a cuda_ipc prefill worker's KV into the decode worker's blocks:
+    "kernel" (our copy kernel on the SMs, the default) or "dma" (the GPU's copy engines through
+    cuMemcpyBatchAsync, CUDA 12.8+: the SMs stay with the forward; kv_transfer/dma_copy.py)."""
+    value = os.environ.get("PDSERVE_KV_COPY", "kernel").lower()
+    if value not in ("kernel", "dma"):
+        raise ValueError(f"PDSERVE_KV_COPY must be kernel|dma, got {value!r}")
+    return value
+
+
 def kv_fingerprint_stride() -> int:
     """PDSERVE_KV_FINGERPRINT_STRIDE: a cuda_ipc prefill worker fingerprints one token position in
     this many of what it wrote (every layer), and the decode worker checks the same positions before

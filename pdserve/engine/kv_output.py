@@ -8,6 +8,11 @@ far goes out in one catch-up push (earlier chunks: all layers; this step: the la
 the rest streams as usual. A job whose forward ends before its destination is *parked*: its first
 token waits, and the engine holds its blocks, until the destination comes (`flush_parked`) or the
 job is dropped.
+
+With `push="after"` nothing leaves during the forward: once the first token is sampled (and sent
+to the router), the whole prompt's KV goes out in one push. Where a copy beside the forward slows
+it by more than the copy takes (two GPUs of one host, measured in benchmarks/stream_cost.py), that
+is faster for the first token and no slower for the decode worker.
 """
 
 from __future__ import annotations
@@ -34,11 +39,21 @@ class _Parked:
 
 class KVStreamer:
     def __init__(
-        self, sender: KVSender, kv_caches: list[torch.Tensor], block_size: int, layers_per_chunk: int = 1
+        self,
+        sender: KVSender,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        layers_per_chunk: int = 1,
+        push: str = "stream",
     ) -> None:
         if layers_per_chunk < 1:
             raise ValueError(f"layers_per_chunk must be >= 1, got {layers_per_chunk}")
+        if push not in ("stream", "after"):
+            raise ValueError(f"push must be stream|after, got {push!r}")
         self.sender = sender
+        # "stream": layer groups from inside the forward; "after": the whole prompt in one push once
+        # its first token is sampled (config.resolve_kv_push says when which).
+        self.push = push
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.num_layers = len(kv_caches)
@@ -139,18 +154,14 @@ class KVStreamer:
                 items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
                 if end >= req.num_prompt_tokens:
                     completes.add(job.request_id)
-        if not items:
-            return None
+        if not items or self.push == "after":
+            return None  # "after": _send_done pushes the whole prompt
         ready = {job.request_id: self._resolve(job) for job, _, _ in items}
-        for job, start, slots in items:
+        for job, _, _ in items:
             if ready[job.request_id]:
                 self._push_unsent(job)
-                if self.sender.copies_from_cache:
-                    sent_from = max(start, job.skip_tokens)
-                    if sent_from < start + len(slots):
-                        self.sender.prepare_from_cache(
-                            job, slots[sent_from - start :], sent_from, self.kv_caches[0].device
-                        )
+        # A copying sender stages its slot tables at the first push, from inside the forward: the
+        # GPU is idle until the forward's first kernels are queued, busy once they are.
         # The first layer of each request's next push: those without a destination send nothing yet.
         next_layer = {rid: 0 for rid in ready}
 
@@ -193,6 +204,11 @@ class KVStreamer:
     def _send_done(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
         job = req.kv_job
         assert job is not None
+        if self.push == "after":
+            # Every position of the prompt, all layers, one push: its blocks hold it until the engine
+            # frees them, after this returns.
+            slots = slots_for(req.block_table, self.block_size, 0, req.num_prompt_tokens)
+            self._push(job, 0, self.num_layers, 0, slots)
         self._push_unsent(job)  # a destination that came after the last layer's hook
         nbytes = self.bytes_sent.pop(req.request_id, 0)
         wire = None if logprob is None else logprob_to_wire(logprob)

@@ -40,7 +40,7 @@ def make_receiver(
             raise ValueError("transport shm needs the KV cache in shared memory (shm_name)")
         return ShmKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port, shm_name)
     if transport == "cuda_ipc":
-        from pdserve.kv_transfer.cuda_ipc import CudaIpcKVReceiver
+        from pdserve.kv_transfer.cuda_ipc_receiver import CudaIpcKVReceiver
 
         return CudaIpcKVReceiver(layout, kv_caches, on_done, on_failed, secret, host, port)
     if transport == "nccl":

@@ -67,9 +67,10 @@ class KVSender(ABC):
     def prepare_from_cache(
         self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
     ) -> None:
-        """For copies_from_cache transports, before the forward that computes positions
-        [start, start+len(slots)): stage what the copies of this step will need (slot tables on the
-        device), so the per-layer pushes only launch copies. Nothing to stage by default."""
+        """For copies_from_cache transports: stage what the copies of positions
+        [start, start+len(slots)) will need (slot tables on the device) ahead of the pushes, so they
+        only launch copies. The first push stages them otherwise: the engine leaves it to that push,
+        inside the forward, where the host's work overlaps the GPU's. Nothing to stage by default."""
         return None
 
     def seal(self, job: PrefillJob) -> None:

@@ -1,6 +1,8 @@
-"""cuda_ipc transport (same host, GPU): the decode worker shares its KV cache tensors through CUDA
-IPC handles, and the prefill worker's kernels write a request's KV straight into the reserved
-blocks, GPU to GPU, one layer group at a time from inside the forward pass.
+"""cuda_ipc transport (same host, GPU), sending side: the decode worker shares its KV cache tensors
+through CUDA IPC handles (kv_transfer/cuda_ipc_receiver.py), and the prefill worker writes a
+request's KV straight into the reserved blocks, GPU to GPU: one layer group at a time from inside
+the forward pass, or the whole prompt once its first token is sampled (`--kv-push`, the default
+here: engine/kv_output.py), by our copy kernel or by the copy engines (`PDSERVE_KV_COPY`).
 
 The handles travel as raw fields of the KVHelloAck (msgpack bytes and ints, never pickle), sent
 only after the HMAC handshake. The socket still carries one small header per layer group, the
@@ -17,109 +19,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pdserve import envs
-from pdserve.kv_transfer.base import Expectation, KVTransferError, OnDone, OnFailed, slots_for
-from pdserve.kv_transfer.cuda_ipc_handles import export_handles, import_handles
+from pdserve.kv_transfer.base import slots_for
+from pdserve.kv_transfer.cuda_ipc_handles import import_handles
+from pdserve.kv_transfer.dma_copy import BatchCopier, SlotRuns, descriptors, slot_runs
 from pdserve.kv_transfer.gpu_copy import copy_slots, fingerprint_slots, pointer_table
-from pdserve.kv_transfer.spot_check import num_sampled, sample_offset, sampled
-from pdserve.kv_transfer.tcp import SocketKVReceiver, SocketKVSender, _Item, _Peer
-from pdserve.protocol import KVLayerChunk, KVLayout, PrefillDone, PrefillJob
+from pdserve.kv_transfer.spot_check import sample_offset, sampled
+from pdserve.kv_transfer.tcp import SocketKVSender, _Item, _Peer
+from pdserve.protocol import KVLayerChunk, PrefillDone, PrefillJob
 from pdserve.trace import mark
-
-
-class CudaIpcKVReceiver(SocketKVReceiver):
-    transport = "cuda_ipc"
-    # Recompute the request's fingerprint from our cache once its KV is complete (one read of the
-    # sampled positions, one launch, on a side stream).
-    verify = True
-
-    def __init__(
-        self,
-        layout: KVLayout,
-        kv_caches: list[torch.Tensor],
-        on_done: OnDone,
-        on_failed: OnFailed,
-        secret: bytes,
-        host: str = "127.0.0.1",
-        port: int = 0,
-    ) -> None:
-        if not kv_caches[0].is_cuda:
-            raise ValueError("transport cuda_ipc keeps the KV cache on the GPU: use it with --device cuda")
-        # Set before the accept thread starts.
-        self._stream = torch.cuda.Stream(kv_caches[0].device)
-        self._table = pointer_table(kv_caches)
-        self._stride = envs.kv_fingerprint_stride()
-        # request id -> the slots its fingerprint will read, on the device, for our own stride:
-        # staged when the blocks are reserved, so the check after the completion only launches.
-        self._planned: dict[str, torch.Tensor] = {}
-        super().__init__(layout, kv_caches, on_done, on_failed, secret, host, port)
-
-    def expect(self, request_id: str, dst_block_ids: list[int], skip_tokens: int) -> None:
-        super().expect(request_id, dst_block_ids, skip_tokens)
-        capacity = len(dst_block_ids) * self.layout.block_size
-        with torch.cuda.stream(self._stream):
-            self._planned[request_id] = self._sampled_slots(
-                request_id, dst_block_ids, skip_tokens, capacity, self._stride
-            ).to(self.kv_caches[0].device)
-
-    def _pop(self, request_id: str) -> Expectation | None:
-        self._planned.pop(request_id, None)
-        return super()._pop(request_id)
-
-    def _sampled_slots(
-        self, request_id: str, blocks: list[int], skip: int, num_tokens: int, stride: int
-    ) -> torch.Tensor:
-        """Our cache slots of the positions in [skip, num_tokens) the fingerprint covers."""
-        slots = slots_for(blocks, self.layout.block_size, skip, num_tokens)
-        return slots[sampled(skip, len(slots), stride, sample_offset(request_id, stride))].contiguous()
-
-    def handshake_extras(self) -> dict[str, Any]:
-        return {"cuda_ipc": export_handles(self.kv_caches)}
-
-    def _receive_payload(self, conn: object, chunk: KVLayerChunk) -> bytearray:
-        return bytearray()  # the data is already in our cache
-
-    def _store(self, exp: Expectation, chunk: KVLayerChunk, payload: bytearray) -> None:
-        if chunk.start < exp.skip_tokens:
-            raise KVTransferError(
-                f"[{chunk.request_id}] chunk starts at {chunk.start} < skip {exp.skip_tokens}"
-            )
-
-    def _on_prefill_done(self, done: PrefillDone) -> None:
-        rid = done.request_id
-        with self._lock:
-            exp = self._expected.get(rid)
-        if self.verify and exp is not None and exp.missing(done.num_tokens) is None:
-            error = self._check_fingerprint(exp, done)
-            if error is not None:
-                if self._pop(rid) is not None:
-                    self.on_failed(rid, error)
-                return
-        super()._on_prefill_done(done)
-
-    def _check_fingerprint(self, exp: Expectation, done: PrefillDone) -> str | None:
-        """None if our cache holds what the sender fingerprinted, at the positions it sampled."""
-        stride, skip = done.kv_checksum_stride, exp.skip_tokens
-        planned = self._planned.get(exp.request_id)
-        if done.kv_checksum is None or stride < 1:
-            return f"completion without a usable fingerprint (stride {stride})"
-        with torch.cuda.stream(self._stream):
-            if planned is not None and stride == self._stride:
-                # The positions below num_tokens are a prefix of those staged for the whole table.
-                offset = sample_offset(exp.request_id, stride)
-                count = num_sampled(skip, done.num_tokens - skip, stride, offset)
-                device_slots = planned[:count]
-            else:  # a sender with another stride: stage them now
-                device_slots = self._sampled_slots(
-                    exp.request_id, exp.dst_block_ids, skip, done.num_tokens, stride
-                ).to(self.kv_caches[0].device)
-            found = fingerprint_slots(self._table, self.kv_caches[0], 0, self.layout.num_layers, device_slots)
-            mark(done.trace, "decode.fingerprint_launched")
-            if int(found) != done.kv_checksum:
-                return "KV fingerprint mismatch: what landed is not what was sent"
-        return None
 
 
 class _IpcPeer(_Peer):
@@ -166,10 +77,15 @@ class CudaIpcKVSender(SocketKVSender):
         # wrote its KV: on the forward's stream, every layer's compute would wait for the previous
         # layer's copy over NVLink. Nothing on the forward's stream may reuse a source block or a
         # staging buffer before they have been read: it waits for this stream when a request's
-        # pushes end (seal, _forget).
+        # pushes end (_forget, before the engine frees the request's blocks).
         self._copies: torch.cuda.Stream | None = None
         self.fingerprint_stride = envs.kv_fingerprint_stride()
         self.copy_programs = envs.kv_copy_programs()
+        # "kernel": our copy kernel on the SMs; "dma": the copy engines (kv_transfer/dma_copy.py)
+        self.copy_with = envs.kv_copy_with()
+        self._dma: BatchCopier | None = None
+        # (request id, first position) -> the step's slot runs, for the copy engines
+        self._runs: dict[tuple[str, int], SlotRuns] = {}
 
     def _peer(self, job: PrefillJob) -> _Peer:
         key = (job.kv_host, job.kv_port)
@@ -224,13 +140,47 @@ class CudaIpcKVSender(SocketKVSender):
         copies = self._copy_stream(like.device)
         copies.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(copies):
-            copy_slots(
-                self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
-                layer_start, layer_end, src_slots, dst_slots, self.copy_programs,
-            )  # fmt: skip
+            if self.copy_with == "dma":
+                self._copy_by_dma(job, start, slots, kv_caches, views, layer_start, layer_end, copies)
+            else:
+                copy_slots(
+                    self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
+                    layer_start, layer_end, src_slots, dst_slots, self.copy_programs,
+                )  # fmt: skip
             copied = torch.cuda.Event()
             copied.record()
         peer.queue.put(_Item("kv", job, (copied, layer_end, start + len(slots)), layer_start, start))
+
+    def _copy_by_dma(
+        self,
+        job: PrefillJob,
+        start: int,
+        slots: torch.Tensor,  # [T] host: our slots of positions [start, start + T)
+        kv_caches: list[torch.Tensor],
+        views: list[torch.Tensor],
+        layer_start: int,
+        layer_end: int,
+        stream: torch.cuda.Stream,
+    ) -> None:
+        """Queue layers [layer_start, layer_end) of the step's slots on the copy engines."""
+        key = (job.request_id, start)
+        runs = self._runs.get(key)
+        if runs is None:
+            dst = slots_for(job.dst_block_ids, self.layout.block_size, start, start + len(slots))
+            runs = self._runs[key] = slot_runs(slots.numpy(), dst.numpy())
+        like = kv_caches[0]
+        if self._dma is None:
+            self._dma = BatchCopier(like.device.index or 0)
+        size = like.element_size()
+        dsts, srcs, sizes = descriptors(
+            runs,
+            np.array([c.data_ptr() for c in kv_caches[layer_start:layer_end]], dtype=np.uint64),
+            np.array([v.data_ptr() for v in views[layer_start:layer_end]], dtype=np.uint64),
+            like.stride(0) * size,
+            views[0].stride(0) * size,
+            like.shape[-2] * like.shape[-1] * size,
+        )
+        self._dma.copy(dsts, srcs, sizes, stream.cuda_stream)
 
     def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._copies is None:
@@ -245,7 +195,7 @@ class CudaIpcKVSender(SocketKVSender):
     def prepare_from_cache(
         self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
     ) -> None:
-        """Engine thread, before the step's forward: upload its slot tables (off the copies' path)."""
+        """Upload the slot tables of a step's pushes ahead of them (see KVSender.prepare_from_cache)."""
         if job.request_id not in self.aborted:
             self._device_slots(job, start, slots, device)
 
@@ -288,8 +238,10 @@ class CudaIpcKVSender(SocketKVSender):
 
     def seal(self, job: PrefillJob) -> None:
         """Engine thread, at the hook of the prompt's last layer: fingerprint the sampled positions
-        of everything sent for the request, from our cache, on the stream (after the last copy,
-        before our blocks can be reused), so the completion does not wait for this launch."""
+        of everything sent for the request, from our cache, on the copy stream after the last
+        copy, so the completion does not wait for this launch. The forward does not wait for it
+        (the first token would then wait for the last layer's copy over NVLink): the engine joins
+        the copy stream when the job ends (`_forget`), before its blocks can be reused."""
         rid = job.request_id
         if rid in self._fingerprints or rid in self.aborted:
             return
@@ -308,7 +260,6 @@ class CudaIpcKVSender(SocketKVSender):
                 ready = torch.cuda.Event()
                 ready.record()
             self._fingerprints[rid] = (ready, total)
-            self._join_copies()  # before the blocks can be reused (the forward's end is near)
 
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
         """Engine thread: the send thread puts the request's fingerprint (sealed in the forward, or
@@ -328,6 +279,8 @@ class CudaIpcKVSender(SocketKVSender):
         for key in [k for k in self._slots if k[0] == request_id]:
             # Reusable at once: later uploads into it are queued behind this request's copies.
             self._free_staging.append(self._slots.pop(key)[0])
+        for key in [k for k in self._runs if k[0] == request_id]:
+            del self._runs[key]
 
     def push(self, peer: _Peer, item: _Item) -> None:
         """Send thread: a completion waits for its fingerprint (not for the rest of the stream)."""
@@ -366,5 +319,6 @@ class CudaIpcKVSender(SocketKVSender):
         super().close()
         self._mapped.clear()
         self._slots.clear()
+        self._runs.clear()
         self._free_staging.clear()
         self._fingerprints.clear()

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from pdserve import envs
-from pdserve.config import EngineConfig, WorkerConfig
+from pdserve.config import EngineConfig, WorkerConfig, resolve_kv_push
 from pdserve.engine.async_llm import AsyncLLM
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_output import KVStreamer
@@ -73,7 +73,11 @@ class PrefillWorker:
         )
         self.sender.on_abort = self._on_decode_abort  # type: ignore[method-assign]
         self.streamer = KVStreamer(
-            self.sender, engine.kv_caches, engine.block_manager.block_size, cfg.kv_layers_per_chunk
+            self.sender,
+            engine.kv_caches,
+            engine.block_manager.block_size,
+            cfg.kv_layers_per_chunk,
+            push=resolve_kv_push(cfg.kv_push, cfg.kv_transport),
         )
         engine.kv_streamer = self.streamer
         self.streamer.on_first_token = self._first_token_sampled

@@ -94,9 +94,9 @@ def run_prefill(streamer: KVStreamer, req: Request, chunks: list[int]) -> None:
     prefill worker's forward does; then send the first token (42)."""
     for chunk in chunks:
         hook = streamer.layer_hook_for([ScheduledRequest(req, chunk)])
-        assert hook is not None
+        assert (hook is None) == (streamer.push == "after")
         with torch.inference_mode():  # as in the engine's forward
-            for layer in range(LAYOUT.num_layers):
+            for layer in range(LAYOUT.num_layers if hook is not None else 0):
                 hook(layer)
         req.num_computed_tokens += chunk
     streamer.send_first_token(req, 42, None)
@@ -127,6 +127,33 @@ def test_cuda_ipc_push_through_the_streamer(skip: int, stride: int, monkeypatch:
         assert kind == "done", detail
         expected_bytes = (num_tokens - skip) * LAYOUT.bytes_per_token
         assert detail == ("r1", 42, expected_bytes)
+        sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
+        assert torch.equal(landed, sent)
+        sender.close()
+
+
+@pytest.mark.parametrize("copy_with,push", [("kernel", "after"), ("dma", "stream"), ("dma", "after")])
+def test_cuda_ipc_copy_engines_and_push_after_the_first_token(copy_with: str, push: str) -> None:
+    """The copy engines (cuMemcpyBatchAsync over slot runs) and the whole prompt pushed once its
+    first token is sampled land the same bytes as the streamed kernel copy."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with decode_side() as (parent, host, port):
+        torch.manual_seed(7)
+        src = [torch.randn(2, 40, 16, 2, 64, device="cuda").bfloat16() for _ in range(LAYOUT.num_layers)]
+        # Partly adjacent on both sides (runs of 2 and 3 blocks), partly not.
+        src_blocks, dst_blocks = [5, 6, 7, 20, 21, 3, 30], [9, 10, 11, 2, 3, 30, 12]
+        num_tokens, skip = 100, 16
+        parent.send(("r5", dst_blocks, skip, num_tokens))
+        assert parent.recv() == "expecting"
+        job = PrefillJob("r5", [], {}, "d0", host, port, dst_blocks, skip, time.time() + 30, LAYOUT)
+        sender = make_sender("cuda_ipc", LAYOUT, "p0", SECRET)
+        sender.copy_with = copy_with  # type: ignore[attr-defined]
+        streamer = KVStreamer(sender, src, LAYOUT.block_size, layers_per_chunk=3, push=push)
+        run_prefill(streamer, prefill_request("r5", num_tokens, src_blocks, job), [60, num_tokens - 60])
+        kind, detail, landed = parent.recv()
+        assert kind == "done", detail
+        assert detail == ("r5", 42, (num_tokens - skip) * LAYOUT.bytes_per_token)
         sent = read_kv(src, 0, LAYOUT.num_layers, slots_for(src_blocks, 16, skip, num_tokens)).cpu()
         assert torch.equal(landed, sent)
         sender.close()

@@ -154,3 +154,59 @@ def test_a_job_dropped_before_its_destination_sends_nothing(sides) -> None:  # t
     streamer.expire_arrivals(time.time() + 60)
     assert not streamer._arrived
     assert not sink.done and not sink.failed and not errors
+
+
+# ---- push="after": nothing leaves during the forward, the whole prompt once the token is out ----
+
+
+@pytest.mark.parametrize("skip", [0, 8])
+def test_after_mode_sends_the_whole_prompt_once_after_the_first_token(sides, skip: int) -> None:  # type: ignore[no-untyped-def]
+    rx, sink, dst, streamer, errors = sides
+    streamer.push = "after"
+    rx.expect("r5", DST_BLOCKS, skip)
+    job = destination_job("r5", rx, skip)
+    req = Request("r5", list(range(NUM_TOKENS)), SamplingParams(max_tokens=1), 1, None)
+    req.block_table, req.kv_job = SRC_BLOCKS, job
+    for chunk in (13, NUM_TOKENS - 13):  # two chunks, no hook in either: nothing goes out
+        assert streamer.layer_hook_for([ScheduledRequest(req, chunk)]) is None
+        req.num_computed_tokens += chunk
+    time.sleep(0.05)
+    assert dst[0].abs().sum() == 0 and not streamer.bytes_sent
+    assert "prefill.launched" in job.trace
+    assert streamer.send_first_token(req, 42, None)
+    check_complete(sink, dst, streamer.kv_caches, "r5", skip)
+    assert not errors
+
+
+def test_after_mode_with_a_late_destination_parks_then_sends(sides) -> None:  # type: ignore[no-untyped-def]
+    rx, sink, dst, streamer, errors = sides
+    streamer.push = "after"
+    rx.expect("r6", DST_BLOCKS, 0)
+    req = Request("r6", list(range(NUM_TOKENS)), SamplingParams(max_tokens=1), 1, None)
+    req.block_table, req.kv_job = SRC_BLOCKS, early_job("r6")
+    assert streamer.layer_hook_for([ScheduledRequest(req, NUM_TOKENS)]) is None
+    req.num_computed_tokens = NUM_TOKENS
+    assert not streamer.send_first_token(req, 42, None)
+    streamer.offer_destination(destination(rx, "r6", 0))
+    assert streamer.flush_parked("r6")
+    check_complete(sink, dst, streamer.kv_caches, "r6", 0)
+    assert not errors
+
+
+def destination_job(rid: str, rx: KVReceiver, skip: int) -> PrefillJob:
+    job = early_job(rid)
+    job.set_destination(destination(rx, rid, skip))
+    return job
+
+
+def test_push_mode_by_transport() -> None:
+    from pdserve.config import WorkerConfig, resolve_kv_push
+
+    assert resolve_kv_push("auto", "cuda_ipc") == "after"
+    assert resolve_kv_push("auto", "tcp") == "stream"
+    assert resolve_kv_push("auto", "nccl") == "stream"
+    assert resolve_kv_push("stream", "cuda_ipc") == "stream"
+    with pytest.raises(ValueError, match="kv_push"):
+        WorkerConfig(kv_push="later")
+    with pytest.raises(ValueError, match="push must be"):
+        KVStreamer(None, [], 4, push="later")  # type: ignore[arg-type]

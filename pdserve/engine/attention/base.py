@@ -47,16 +47,38 @@ class AttentionBackend(ABC):
     name: str = "base"
 
     @abstractmethod
-    def forward(
+    def store(
         self,
-        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+    ) -> None:
+        """Write this step's keys/values into their cache slots."""
+
+    @abstractmethod
+    def attention(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim] (already stored)
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        ...
+        """Attend each query over its sequence's cached context (this step's K/V stored)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self.store(k, v, kv_cache, meta)
+        return self.attention(q, k, v, kv_cache, meta, scale)
 
 
 @dataclass
@@ -66,17 +88,20 @@ class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     kv_caches: list[torch.Tensor]  # one [2, num_blocks, block_size, num_kv_heads, head_dim] per layer
-    # Called with the layer index once that layer's K/V are in the cache: a prefill worker ships
-    # them from here while the next layers compute.
+    # Called with the layer index once that layer's K/V are in the cache, before its attention is
+    # queued: a streaming prefill worker ships them from here, the earliest point they are
+    # complete, so the last layer's copy runs beside that layer's attention and MLP instead of
+    # trailing the forward.
     layer_hook: Callable[[int], None] | None = None
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        out = self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.meta, scale)
+        cache = self.kv_caches[layer_idx]
+        self.backend.store(k, v, cache, self.meta)
         if self.layer_hook is not None:
             self.layer_hook(layer_idx)
-        return out
+        return self.backend.attention(q, k, v, cache, self.meta, scale)
 
 
 def get_backend(name: str) -> AttentionBackend:

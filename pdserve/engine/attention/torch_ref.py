@@ -34,7 +34,12 @@ def gather_kv(
 class TorchRefBackend(AttentionBackend):
     name = "torch"
 
-    def forward(
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+
+    def attention(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -43,7 +48,6 @@ class TorchRefBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.decode_only:
             return self._decode(q, kv_cache, meta, scale)
         out = torch.empty_like(q)

@@ -21,7 +21,16 @@ class TritonBackend(AttentionBackend):
         self._query_start: torch.Tensor | None = None
         self._num_splits: dict[tuple[int, int], int] = {}
 
-    def forward(
+    def store(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        # An fp8 cache is stored by casting and read back in the queries' dtype by the kernels.
+        cache_dtype_ok = kv_cache.dtype in (k.dtype, torch.float8_e4m3fn)
+        if not kv_cache.is_contiguous() or not cache_dtype_ok:
+            raise ValueError("triton attention needs a contiguous cache in the query dtype or fp8 (e4m3)")
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+
+    def attention(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -30,11 +39,8 @@ class TritonBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        # An fp8 cache is stored by casting and read back in q's dtype by the kernels.
-        cache_dtype_ok = kv_cache.dtype in (q.dtype, torch.float8_e4m3fn)
-        if not kv_cache.is_contiguous() or not cache_dtype_ok or q.stride(2) != 1:
-            raise ValueError("triton attention needs a contiguous cache in the query dtype or fp8 (e4m3)")
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if q.stride(2) != 1:
+            raise ValueError("triton attention needs queries contiguous in their last dimension")
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
         if meta.decode_only:
             decode_attention(
