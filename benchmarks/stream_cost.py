@@ -375,13 +375,13 @@ def transfer_alone(bench: Bench, n: int, dma: bool, repeats: int = 20) -> dict[s
     return out
 
 
-def profile(bench: Bench, n: int, out: Path) -> dict[str, dict[str, float]]:
+def profile(bench: Bench, n: int, out: Path, names: list[str]) -> dict[str, dict[str, float]]:
     """GPU ms per kernel name for one step of each variant (torch profiler), and a trace each."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     tables: dict[str, dict[str, float]] = {}
-    for name in VARIANTS:
+    for name in names:
         run = bench.variant(name, n)
         run()  # warm
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -430,7 +430,7 @@ def main() -> None:
             alone = transfer_alone(bench, args.prompt_len, dma_error is None)
         except Exception as e:  # keep the paired results
             alone = {"error": repr(e)}  # type: ignore[dict-item]
-        kernels = profile(bench, args.prompt_len, args.out) if args.profile else {}
+        kernels = profile(bench, args.prompt_len, args.out, names) if args.profile else {}
     finally:
         bench.close()
     report: dict[str, Any] = {

@@ -264,6 +264,8 @@ class LLMEngine:
         hook = self.kv_streamer.layer_hook_for(sched.scheduled) if self.kv_streamer is not None else None
         sampled, pending = self.runner.launch(sched.scheduled, hook)
         self._advance(sched.scheduled)
+        if self.kv_streamer is not None:
+            self.kv_streamer.after_launch(sched.scheduled)
         if pending is None:
             stats.forward_s += watch.lap()
             return []

@@ -68,6 +68,8 @@ class KVStreamer:
         # (no destination yet)
         self._unsent: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self.parked: dict[str, _Parked] = {}
+        # "after" mode: requests whose whole prompt has been queued for sending
+        self._prompt_pushed: set[str] = set()
         # Called with each job's first token as soon as it is sampled, destination or not (the
         # worker streams it to the router: router/direct_first_token.py). Engine thread.
         self.on_first_token: Callable[[Request, int, TokenLogprob | None], None] | None = None
@@ -109,6 +111,7 @@ class KVStreamer:
         """Forget everything held for a request (aborted, expired). True if it was parked."""
         self._arrived.pop(request_id, None)
         self._unsent.pop(request_id, None)
+        self._prompt_pushed.discard(request_id)
         self.bytes_sent.pop(request_id, None)
         return self.parked.pop(request_id, None) is not None
 
@@ -140,8 +143,8 @@ class KVStreamer:
             self._push(job, 0, self.num_layers, start, slots)
 
     def layer_hook_for(self, scheduled: list[ScheduledRequest]) -> Callable[[int], None] | None:
-        """The hook for this step's forward, or None when no scheduled request ships KV."""
-        items: list[tuple[PrefillJob, int, torch.Tensor]] = []
+        """The hook for this step's forward, or None when no scheduled request ships KV during it."""
+        items: list[tuple[PrefillJob, Request, int, int]] = []  # job, request, first and end position
         completes: set[str] = set()  # jobs whose prompt this step finishes
         for s in scheduled:
             req = s.request
@@ -151,37 +154,42 @@ class KVStreamer:
             start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
             if end > start:
                 mark(job.trace, "prefill.launched")
-                items.append((job, start, slots_for(req.block_table, self.block_size, start, end)))
+                items.append((job, req, start, end))
                 if end >= req.num_prompt_tokens:
                     completes.add(job.request_id)
         if not items or self.push == "after":
-            return None  # "after": _send_done pushes the whole prompt
-        ready = {job.request_id: self._resolve(job) for job, _, _ in items}
-        for job, _, _ in items:
-            if ready[job.request_id]:
-                self._push_unsent(job)
-        # A copying sender stages its slot tables at the first push, from inside the forward: the
-        # GPU is idle until the forward's first kernels are queued, busy once they are.
-        # The first layer of each request's next push: those without a destination send nothing yet.
-        next_layer = {rid: 0 for rid in ready}
+            return None  # "after": after_launch / _send_done push the whole prompt
+        # Nothing more before the forward: the GPU idles until its first kernels are queued, so the
+        # slots, a catch-up of earlier chunks and a copying sender's slot tables wait for the first
+        # layer's hook, when the GPU is busy.
+        slots: dict[str, torch.Tensor] = {}  # request id -> this step's slots
+        ready: dict[str, bool] = {}  # has its destination
+        next_layer: dict[str, int] = {}  # the first layer of its next push
 
         def hook(layer: int) -> None:
             last = layer == self.num_layers - 1
-            for job, start, slots in items:
+            for job, req, start, end in items:
                 rid = job.request_id
+                arrived = False  # the destination came during this forward
+                if rid not in slots:
+                    slots[rid] = slots_for(req.block_table, self.block_size, start, end)
+                    ready[rid], next_layer[rid] = self._resolve(job), 0
+                    if ready[rid]:
+                        self._push_unsent(job)
+                elif not ready[rid]:
+                    ready[rid] = arrived = self._resolve(job)
+                    if arrived:
+                        self._push_unsent(job)  # caught up below, from layer 0, in one push
                 if not ready[rid]:
-                    ready[rid] = self._resolve(job)
-                    if not ready[rid]:
-                        if last:  # the forward ends without a destination: send it all later
-                            self._unsent.setdefault(rid, []).append((start, slots))
-                        continue
-                    self._push_unsent(job)  # caught up below, from layer 0, in one push
-                elif (layer + 1) % self.layers_per_chunk and not last:
+                    if last:  # the forward ends without a destination: send it all later
+                        self._unsent.setdefault(rid, []).append((start, slots[rid]))
                     continue
-                self._push(job, next_layer[rid], layer + 1, start, slots)
+                if not arrived and (layer + 1) % self.layers_per_chunk and not last:
+                    continue
+                self._push(job, next_layer[rid], layer + 1, start, slots[rid])
                 next_layer[rid] = layer + 1
                 if last and rid in completes:
-                    self.sender.seal(job)  # everything is pushed: summarise it before sampling
+                    self.sender.seal(job)  # everything is pushed: summarise it
 
         return hook
 
@@ -201,14 +209,35 @@ class KVStreamer:
         self._send_done(req, token_id, logprob)
         return True
 
+    def after_launch(self, scheduled: list[ScheduledRequest]) -> None:
+        """Engine thread, once a step's forward and sampling are queued and accounted, before its
+        tokens are read: in "after" mode, queue the push of every prompt the step completes. The
+        copy waits on the GPU for the sampling queued before it, so it never runs beside the
+        forward, and the host's work for it overlaps the forward instead of following the token."""
+        if self.push != "after":
+            return
+        for s in scheduled:
+            req, job = s.request, s.request.kv_job
+            if job is None or req.num_computed_tokens < req.num_prompt_tokens or not self._resolve(job):
+                continue  # not its last chunk, or no destination yet (pushed by _send_done)
+            self._push_prompt(req, job)
+            self.sender.seal(job)  # its summary too, before the token is read
+
+    def _push_prompt(self, req: Request, job: PrefillJob) -> None:
+        """Every position of the prompt, all layers, one push (once)."""
+        if job.request_id in self._prompt_pushed:
+            return
+        self._prompt_pushed.add(job.request_id)
+        self._push(
+            job, 0, self.num_layers, 0, slots_for(req.block_table, self.block_size, 0, req.num_prompt_tokens)
+        )
+
     def _send_done(self, req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
         job = req.kv_job
         assert job is not None
         if self.push == "after":
-            # Every position of the prompt, all layers, one push: its blocks hold it until the engine
-            # frees them, after this returns.
-            slots = slots_for(req.block_table, self.block_size, 0, req.num_prompt_tokens)
-            self._push(job, 0, self.num_layers, 0, slots)
+            self._push_prompt(req, job)  # a destination that came after the step was queued
+            self._prompt_pushed.discard(job.request_id)
         self._push_unsent(job)  # a destination that came after the last layer's hook
         nbytes = self.bytes_sent.pop(req.request_id, 0)
         wire = None if logprob is None else logprob_to_wire(logprob)

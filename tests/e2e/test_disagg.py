@@ -219,6 +219,22 @@ def test_tcp_remote_prefill(tcp_dep: Deployment, smollm2: LoadedModel, smollm2_h
     assert text == expected(smollm2_hf, smollm2, prompt)
 
 
+def test_kv_pushed_after_the_first_token(
+    tmp_path: Path, smollm2: LoadedModel, smollm2_hf: PreTrainedModel
+) -> None:
+    """--kv-push after (the cuda_ipc default): nothing moves during the forward, the whole prompt in
+    one push behind the step's sampling; the decode worker continues from exactly that KV."""
+    flags = ("--prefill", "1", "--decode", "1", "--transport", "shm", "--kv-push", "after", *FLAGS)
+    with deployment(tmp_path, *flags) as dep:
+        prompt = long_prompt(smollm2.tokenizer, "harbours")
+        m0 = dep.metrics()
+        text = complete(dep, prompt)
+        m1 = dep.metrics()
+        moved = metric(m1, "pdserve_kv_transfer_bytes_total") - metric(m0, "pdserve_kv_transfer_bytes_total")
+        assert moved == len(prompt) * KV_BYTES_PER_TOKEN
+        assert text == expected(smollm2_hf, smollm2, prompt)
+
+
 def test_nixl_remote_prefill(tmp_path: Path, smollm2: LoadedModel, smollm2_hf: PreTrainedModel) -> None:
     """KV written by NIXL (UCX between two processes) straight into the decode worker's blocks."""
     pytest.importorskip("nixl._api", reason="transport nixl needs the nixl package")

@@ -167,15 +167,22 @@ def test_after_mode_sends_the_whole_prompt_once_after_the_first_token(sides, ski
     job = destination_job("r5", rx, skip)
     req = Request("r5", list(range(NUM_TOKENS)), SamplingParams(max_tokens=1), 1, None)
     req.block_table, req.kv_job = SRC_BLOCKS, job
-    for chunk in (13, NUM_TOKENS - 13):  # two chunks, no hook in either: nothing goes out
-        assert streamer.layer_hook_for([ScheduledRequest(req, chunk)]) is None
-        req.num_computed_tokens += chunk
-    time.sleep(0.05)
-    assert dst[0].abs().sum() == 0 and not streamer.bytes_sent
+    for chunk in (13, NUM_TOKENS - 13):  # two chunks, no hook in either
+        scheduled = [ScheduledRequest(req, chunk)]
+        assert streamer.layer_hook_for(scheduled) is None
+        if chunk == 13:  # nothing goes out before the prompt's last chunk is queued
+            req.num_computed_tokens += chunk
+            streamer.after_launch(scheduled)
+            time.sleep(0.05)
+            assert dst[0].abs().sum() == 0 and not streamer.bytes_sent
+        else:
+            req.num_computed_tokens += chunk
+            streamer.after_launch(scheduled)  # queued behind the step, before its token is read
+            assert streamer.bytes_sent["r5"] == (NUM_TOKENS - skip) * LAYOUT.bytes_per_token
     assert "prefill.launched" in job.trace
-    assert streamer.send_first_token(req, 42, None)
+    assert streamer.send_first_token(req, 42, None)  # sends the completion, not the KV again
     check_complete(sink, dst, streamer.kv_caches, "r5", skip)
-    assert not errors
+    assert not errors and not streamer._prompt_pushed
 
 
 def test_after_mode_with_a_late_destination_parks_then_sends(sides) -> None:  # type: ignore[no-untyped-def]
@@ -186,6 +193,8 @@ def test_after_mode_with_a_late_destination_parks_then_sends(sides) -> None:  # 
     req.block_table, req.kv_job = SRC_BLOCKS, early_job("r6")
     assert streamer.layer_hook_for([ScheduledRequest(req, NUM_TOKENS)]) is None
     req.num_computed_tokens = NUM_TOKENS
+    streamer.after_launch([ScheduledRequest(req, NUM_TOKENS)])  # no destination: nothing to push
+    assert not streamer.bytes_sent
     assert not streamer.send_first_token(req, 42, None)
     streamer.offer_destination(destination(rx, "r6", 0))
     assert streamer.flush_parked("r6")
