@@ -9,10 +9,11 @@ the rest streams as usual. A job whose forward ends before its destination is *p
 token waits, and the engine holds its blocks, until the destination comes (`flush_parked`) or the
 job is dropped.
 
-With `push="after"` nothing leaves during the forward: once the first token is sampled (and sent
-to the router), the whole prompt's KV goes out in one push. Where a copy beside the forward slows
-it by more than the copy takes (two GPUs of one host, measured in benchmarks/stream_cost.py), that
-is faster for the first token and no slower for the decode worker.
+With `push="after"` nothing leaves during the forward: the whole prompt's KV goes out in one push
+queued behind the step's sampling (`after_launch`, before the token is read), so the copy starts
+on the GPU once the first token exists. Where a copy beside the forward slows it by more than the
+copy takes (two GPUs of one host, measured in benchmarks/stream_cost.py), that is faster for the
+first token and no slower for the decode worker.
 """
 
 from __future__ import annotations
