@@ -83,7 +83,7 @@ class CacheConfig:
 
 # (max_num_seqs, max_num_batched_tokens) where the flags leave them unset, by device: what the
 # engine was measured with. On two H100s 2,048-token steps served the bimodal mix better than 512
-# (28 against 24 req/s co-located), and decode batches reached 110-130 streams at the operating
+# (28 against 24 req/s co-located), and decode batches reached ~120 streams at the operating
 # point, past 64 (docs/benchmarks.md).
 SCHEDULER_DEFAULTS = {"cpu": (64, 512), "cuda": (256, 2048)}
 
@@ -176,13 +176,12 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
 
 
-# WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
 KV_PUSH_MODES = ("auto", "stream", "after")
 
 
 def resolve_kv_push(setting: str, transport: str) -> str:
     """stream | after for a prefill worker's --kv-push on a transport. On GPUs in one host
-    (cuda_ipc), moving the KV while the prompt's forward runs slowed the forward by 1.6-1.9x the
+    (cuda_ipc), moving the KV while the prompt's forward runs slowed the forward by about 1-2x the
     copy's own time, by SMs or by copy engines alike (benchmarks/stream_cost.py): copying once the
     first token is out costs the first token nothing and the decode worker's second token less. Over
     a network the transfer takes longer than the interference it causes: streaming hides it."""
@@ -191,6 +190,7 @@ def resolve_kv_push(setting: str, transport: str) -> str:
     return "after" if transport == "cuda_ipc" else "stream"
 
 
+# WorkerConfig fields a deployment sets per worker itself; the rest pass through `pdserve serve`.
 PER_WORKER_FIELDS = (
     "role",
     "worker_id",

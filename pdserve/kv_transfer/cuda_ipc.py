@@ -141,7 +141,7 @@ class CudaIpcKVSender(SocketKVSender):
         copies.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(copies):
             if self.copy_with == "dma":
-                self._copy_by_dma(job, start, slots, kv_caches, views, layer_start, layer_end, copies)
+                self._copy_by_dma(job, start, kv_caches, views, layer_start, layer_end, copies)
             else:
                 copy_slots(
                     self._src[1], dst_table, like, like.stride(0), views[0].stride(0),
@@ -155,19 +155,20 @@ class CudaIpcKVSender(SocketKVSender):
         self,
         job: PrefillJob,
         start: int,
-        slots: torch.Tensor,  # [T] host: our slots of positions [start, start + T)
         kv_caches: list[torch.Tensor],
         views: list[torch.Tensor],
         layer_start: int,
         layer_end: int,
         stream: torch.cuda.Stream,
     ) -> None:
-        """Queue layers [layer_start, layer_end) of the step's slots on the copy engines."""
+        """Queue layers [layer_start, layer_end) of the step's slots (staged by _device_slots) on the
+        copy engines."""
         key = (job.request_id, start)
         runs = self._runs.get(key)
         if runs is None:
-            dst = slots_for(job.dst_block_ids, self.layout.block_size, start, start + len(slots))
-            runs = self._runs[key] = slot_runs(slots.numpy(), dst.numpy())
+            staging, n = self._slots[key]
+            pairs = staging.host[: 2 * n].numpy()  # [source slots | destination slots]
+            runs = self._runs[key] = slot_runs(pairs[:n], pairs[n:])
         like = kv_caches[0]
         if self._dma is None:
             self._dma = BatchCopier(like.device.index or 0)

@@ -2,11 +2,11 @@
 group, `cuMemcpyBatchAsync` (CUDA 12.8 and later), over runs of slots that are consecutive on
 both sides.
 
-Why: a copy kernel writing into another GPU over NVLink holds SMs while its stores drain, and a
-prompt's forward on the sending GPU pays for every SM it holds: on two H100s the kernel's streamed
-copy cost the forward about as much as the copy's own time (benchmarks/stream_cost.py). Copy
-engines move the bytes without SMs. The batch carries one copy per run per layer half, so a
-destination scattered block by block costs descriptors, not launches.
+Copy engines move the bytes without SMs. The batch carries one copy per run per layer half, so a
+destination scattered block by block costs descriptors, not launches. Measured on H100s
+(benchmarks/stream_cost.py): with both sides contiguous they move a prompt's KV faster than the
+copy kernel, block by block 6-12x slower (far slower within one GPU), and beside a forward they
+slow it as much as the kernel does; so they are an option (`PDSERVE_KV_COPY=dma`), not the default.
 
 The run planning is pure (numpy, testable anywhere); only `BatchCopier.copy` needs a GPU.
 """

@@ -196,7 +196,10 @@ def _reasons(
             f"{'disaggregated' if best.deployment.colocated else 'co-located'} option, "
             f"{rival.deployment.label}, {rival.goodput_per_gpu:.3g} req/s"
         )
-    if best.deployment.colocated and rival is not None and rival.goodput_per_gpu > best.goodput_per_gpu:
+    # Co-located kept although a split simulated better: inside the tie margin.
+    split_ahead = rival is not None and rival.goodput_per_gpu > best.goodput_per_gpu
+    if best.deployment.colocated and split_ahead:
+        assert rival is not None
         reasons.append(
             f"{rival.deployment.label} serves {rival.goodput_per_gpu / best.goodput_per_gpu - 1:.0%} more per GPU "
             f"in simulation, inside the {tie_margin:.0%} the simulation and GPUs of one kind vary by: "
@@ -211,8 +214,7 @@ def _reasons(
             reasons.append(
                 "the link is slow next to a prefill: the transfer eats what a prefill pool would save"
             )
-        ahead = rival is not None and rival.goodput_per_gpu > best.goodput_per_gpu
-        if long_share >= 0.1 and xfer <= 0.5 * pre and not ahead:
+        if long_share >= 0.1 and xfer <= 0.5 * pre and not split_ahead:
             reasons.append(
                 "all GPUs decoding (and prefilling in chunks) serve more than a split pool at these SLOs"
             )
