@@ -2,8 +2,8 @@
 
 `gpu_serving.py exposed` starts a deployment per path, one after another, so the difference of
 their TTFTs carries the run-to-run spread of whole deployments (GC state, where the processes
-landed, a few ms). Here one 1P1D deployment (cuda_ipc, layer-wise streaming, early prefill, the
-first token streamed from the prefill worker: every default) has its remote threshold at
+landed, a few ms). Here one 1P1D deployment (cuda_ipc, the KV pushed after the first token, early
+prefill, the first token streamed from the prefill worker: every default) has its remote threshold at
 `--prompt-len`: a prompt of that length goes to the prefill worker, one a token shorter is
 prefilled by the decode worker. The two alternate (which comes first flips every pair), fresh
 prompts each time, one request at a time, so both paths see the same machine. Reported: the mean

@@ -1,8 +1,9 @@
 """GPU suite: Triton kernels against the torch reference, the engine against the roofline and against
-transformers `generate`, and KV transfer (cuda_ipc, tcp) against the measured copy bandwidth. One
-run, one table; every ceiling it compares with is measured in the same run.
+transformers `generate`, KV transfer (cuda_ipc, tcp) against the measured copy bandwidth, and the
+transfer's exposed time (a remote prompt's first token against a local one's). One run, one
+table; every ceiling it compares with is measured in the same run.
 
-    python benchmarks/gpu_suite.py --out results/            # everything (about 6 minutes on an H100)
+    python benchmarks/gpu_suite.py --out results/            # everything (about 8 minutes on an H100)
     python benchmarks/gpu_suite.py --skip-hf --sweep          # no transformers runs; time kernel variants
 
 Ceilings: device-to-device copy of 1 GiB (bytes read + written per second) and an 8192^3 bf16 matmul
@@ -105,6 +106,10 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="engine runs' KV cache"
     )
+    parser.add_argument(
+        "--exposed-iterations", type=int, default=300,
+        help="remote/local pairs timing the exposed KV transfer (0: skip)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the plumbing only")
     args = parser.parse_args()
     dry = args.dry_run
@@ -136,6 +141,10 @@ def main() -> None:
         guarded(table, "hf", bench.run_hf)
     bench.close()
     sync(device)
+    if args.exposed_iterations and not args.skip_transfer and not dry:
+        import gpu_suite_exposed  # after the engine above is closed: this loads its own
+
+        guarded(table, "exposed", lambda: gpu_suite_exposed.run(table, args.exposed_iterations))
 
     text = table.render()
     print(text)

@@ -152,6 +152,9 @@ def run(table: Table, copy_bw: float) -> None:
                 start.record()
                 for first in range(0, LAYOUT.num_layers, layers_per_chunk):
                     sender.send_kv_from_cache(job, first, first + layers_per_chunk, src, src_slots, 0)
+                # The copies run on the sender's own stream: this one waits for them, as the
+                # prefill worker's does when a job ends, so `stop` marks the last copy's end.
+                sender._join_copies()  # type: ignore[attr-defined]
                 stop.record()
                 t_host = time.monotonic()
                 torch.cuda.synchronize()

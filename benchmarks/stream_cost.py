@@ -16,7 +16,9 @@ of the same iteration (the GPU's clock drifts over seconds by as much as the eff
   the transfer's own time on this path, against which the streamed cost is a fraction.
 
 A step is timed from the call to `engine.step()` that launches it to its return with the first token
-(wall clock, what TTFT sees). `--profile` adds one torch-profiler trace per variant and a table of
+(wall clock). What TTFT sees is the first token's hand-over to the router (remote; the rest of the
+step follows it) against the local step's return, also reported, with its split at the moment the
+token is on the host. `--profile` adds one torch-profiler trace per variant and a table of
 the GPU time per kernel name, local beside remote.
 
     python benchmarks/stream_cost.py --decode-gpu 1 --iterations 60 --out results/stream_cost
@@ -43,6 +45,7 @@ from stream_cost_probes import ClockSampler, destination, dma_works, profile, tr
 from pdserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.kv_output import KVStreamer
+from pdserve.engine.sampler import PendingSamples
 from pdserve.kv_transfer import cuda_ipc, make_sender
 from pdserve.protocol import PrefillJob
 from pdserve.sampling_params import SamplingParams
@@ -144,10 +147,21 @@ class Bench:
             return runs
 
         cuda_ipc.slot_runs = slot_runs
+        self._restore = [(cuda_ipc, "slot_runs", real_runs)]
 
         def first_token(*args: Any) -> None:  # the prefill worker hands it to the router here
             host["first_token_handed_over"] = time.perf_counter() - self.t0
 
+        real_result = PendingSamples.result
+
+        def result(pending: PendingSamples) -> Any:  # the host waits for the step's tokens here
+            host["token_wait_from"] = time.perf_counter() - self.t0
+            out = real_result(pending)
+            host["token_on_host"] = time.perf_counter() - self.t0
+            return out
+
+        PendingSamples.result = result  # type: ignore[method-assign]
+        self._restore.append((PendingSamples, "result", real_result))
         streamer.on_first_token = first_token
         streamer.layer_hook_for = layer_hook_for  # type: ignore[method-assign]
         engine._postprocess = postprocess  # type: ignore[method-assign]
@@ -161,7 +175,7 @@ class Bench:
         wall0, self.mono0 = time.time(), time.monotonic()
         t0 = self.t0 = time.perf_counter()
         outs = self.engine.step()
-        elapsed = time.perf_counter() - t0
+        elapsed = self.host_s["step_returned"] = time.perf_counter() - t0
         self.window = (wall0, wall0 + elapsed)
         if not outs or self.engine.has_unfinished():
             raise RuntimeError("the prompt did not finish in one step (step budget too small?)")
@@ -218,10 +232,76 @@ class Bench:
 
         return run
 
+    def pairs(
+        self, names: list[str], iterations: int, n: int
+    ) -> tuple[
+        dict[str, list[float]], dict[str, dict[str, list[float]]], dict[str, list[tuple[float, float]]]
+    ]:
+        """Every variant once per iteration, in a fresh random order: the step times (s), the
+        host's parts of each step (s), and each step's wall-clock span."""
+        times: dict[str, list[float]] = {name: [] for name in names}
+        host: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+        windows: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+        order = list(names)
+        for _ in range(iterations):
+            self.rng.shuffle(order)
+            for name in order:
+                times[name].append(self.variant(name, n)())
+                windows[name].append(self.window)
+                for part, seconds in self.host_s.items():
+                    host[name].setdefault(part, []).append(seconds)
+        return times, host, windows
+
     def close(self) -> None:
+        for owner, attr, real in self._restore:  # the module-wide probes, for whoever runs next
+            setattr(owner, attr, real)
         self.sender.close()
         self.conn.send(None)
         self.proc.join(30)
+
+
+def minus(a: list[float], b: list[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def first_token(name: str, remote: dict[str, list[float]], local: dict[str, list[float]]) -> dict[str, Any]:
+    """When the first token leaves, remote (handed to the router; the rest of the step follows it)
+    against local (the step returns it), paired: the exposed time as TTFT sees it. Then the same
+    split in two halves that add up to it. Up to the token on the host: the GPU's work (the same
+    kernels in both while nothing is copied before the sampling) and the host's launches, hidden
+    while the host waits for the GPU (the slack). After it: host work alone, timed to microseconds,
+    which the GPU's step-to-step drift does not blur."""
+    handed, token = remote["first_token_handed_over"], remote["token_on_host"]
+    total = summary(minus(handed, local["step_returned"]))
+    gpu_side = summary(minus(token, local["token_on_host"]))
+    after, local_after = minus(handed, token), minus(local["step_returned"], local["token_on_host"])
+    host_side = summary(minus(after, local_after))
+    slack = 1e3 * statistics.median(minus(token, remote["token_wait_from"]))
+    local_slack = 1e3 * statistics.median(minus(local["token_on_host"], local["token_wait_from"]))
+    print(
+        f"{name:30s} first token handed over vs the local step: {ms(total)}\n"
+        f"{'':30s}   = token on the host vs local {ms(gpu_side)} (the host waited for the GPU "
+        f"{slack:.1f} ms, local {local_slack:.1f})\n"
+        f"{'':30s}   + token to hand-over {1e3 * statistics.median(after):.3f} ms vs token to the local "
+        f"step's return {1e3 * statistics.median(local_after):.3f}: {ms(host_side, 3)}"
+    )
+    return {
+        "first_token_vs_local_step": total,
+        "token_on_host_vs_local": gpu_side,
+        "token_to_handover_vs_local_ms": host_side,
+        "token_to_handover_median_ms": 1e3 * statistics.median(after),
+        "local_token_to_return_median_ms": 1e3 * statistics.median(local_after),
+        "host_waited_for_gpu_median_ms": slack,
+        "local_host_waited_for_gpu_median_ms": local_slack,
+    }
+
+
+def ms(row: dict[str, float], digits: int = 2) -> str:
+    f = f"+.{digits}f"
+    return (
+        f"{row['mean_ms']:{f}} ({row['ci95_low_ms']:{f}} .. {row['ci95_high_ms']:{f}}) / median "
+        f"{row['median_ms']:{f}} ms"
+    )
 
 
 def main() -> None:
@@ -244,18 +324,8 @@ def main() -> None:
     try:
         for name in names:  # compile the copy kernel, warm the allocator
             bench.variant(name, args.prompt_len)()
-        times: dict[str, list[float]] = {name: [] for name in names}
-        host: dict[str, dict[str, list[float]]] = {name: {} for name in names}
-        windows: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         sampler = ClockSampler(args.out / "clocks.csv") if args.clocks else None
-        order = list(names)
-        for _ in range(args.iterations):
-            bench.rng.shuffle(order)
-            for name in order:
-                times[name].append(bench.variant(name, args.prompt_len)())
-                windows[name].append(bench.window)
-                for part, seconds in bench.host_s.items():
-                    host[name].setdefault(part, []).append(seconds)
+        times, host, windows = bench.pairs(names, args.iterations, args.prompt_len)
         clocks = sampler.per_variant(windows) if sampler is not None else {}
         try:
             alone = transfer_alone(bench, args.prompt_len, dma_error is None)
@@ -292,18 +362,9 @@ def main() -> None:
             f"{name:30s} step {row['step_median_ms']:8.2f}  slower: {row['mean_ms']:+.2f} "
             f"({row['ci95_low_ms']:+.2f} .. {row['ci95_high_ms']:+.2f}) / median {row['median_ms']:+.2f} ms"
         )
-    # A remote prompt's first token leaves the prefill worker when it is handed to the router (the
-    # rest of the step follows it); a local one when the step returns it: the exposed time as TTFT sees it.
     for name in names[1:]:
-        handed = host[name].get("first_token_handed_over", [])
-        if len(handed) != len(times["local"]):
-            continue
-        row = summary([h - loc for h, loc in zip(handed, times["local"], strict=True)])
-        report["variants"][name]["first_token_vs_local_step"] = row
-        print(
-            f"{name:30s} first token handed over vs the local step: {row['mean_ms']:+.2f} "
-            f"({row['ci95_low_ms']:+.2f} .. {row['ci95_high_ms']:+.2f}) / median {row['median_ms']:+.2f} ms"
-        )
+        if len(host[name].get("first_token_handed_over", [])) == len(times["local"]):
+            report["variants"][name] |= first_token(name, host[name], host["local"])
     if kernels:
         report["kernels_ms"] = kernels
         local = kernels["local"]
