@@ -149,7 +149,7 @@ class Bench:
         cuda_ipc.slot_runs = slot_runs
         self._restore = [(cuda_ipc, "slot_runs", real_runs)]
 
-        def first_token(*args: Any) -> None:  # the prefill worker hands it to the router here
+        def handed_over(*args: Any) -> None:  # the prefill worker hands it to the router here
             host["first_token_handed_over"] = time.perf_counter() - self.t0
 
         real_result = PendingSamples.result
@@ -162,7 +162,7 @@ class Bench:
 
         PendingSamples.result = result  # type: ignore[method-assign]
         self._restore.append((PendingSamples, "result", real_result))
-        streamer.on_first_token = first_token
+        streamer.on_first_token = handed_over
         streamer.layer_hook_for = layer_hook_for  # type: ignore[method-assign]
         engine._postprocess = postprocess  # type: ignore[method-assign]
 

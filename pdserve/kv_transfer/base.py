@@ -64,19 +64,10 @@ class KVSender(ABC):
         sit in `slots` of kv_caches (the sender's own paged cache) for layers [layer_start, layer_end)."""
         raise NotImplementedError(f"{type(self).__name__} takes gathered KV (send_kv)")
 
-    def prepare_from_cache(
-        self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
-    ) -> None:
-        """For copies_from_cache transports: stage what the copies of positions
-        [start, start+len(slots)) will need (slot tables on the device) ahead of the pushes, so they
-        only launch copies. The first push stages them otherwise: the engine leaves it to that push,
-        inside the forward, where the host's work overlaps the GPU's. Nothing to stage by default."""
-        return None
-
     def seal(self, job: PrefillJob) -> None:
-        """Called inside the forward once the last of the job's KV has been pushed (its last
-        layer of its last chunk), before the first token is sampled: a transport that summarises
-        what it sent (cuda_ipc's fingerprint) may launch that now. Nothing by default."""
+        """Called once the last of the job's KV has been pushed (the last layer's hook of its last
+        chunk, or the push after its first token), before that token is read: a transport that
+        summarises what it sent (cuda_ipc's fingerprint) may launch that now. Nothing by default."""
         return None
 
     @abstractmethod

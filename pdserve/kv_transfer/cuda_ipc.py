@@ -196,7 +196,9 @@ class CudaIpcKVSender(SocketKVSender):
     def prepare_from_cache(
         self, job: PrefillJob, slots: torch.Tensor, start: int, device: torch.device
     ) -> None:
-        """Upload the slot tables of a step's pushes ahead of them (see KVSender.prepare_from_cache)."""
+        """Upload the slot tables of a step's pushes ahead of them, so the pushes only launch copies.
+        The engine leaves this to the first push, inside the forward, where the host's work overlaps
+        the GPU's; benchmarks call it to time the copies apart from the staging."""
         if job.request_id not in self.aborted:
             self._device_slots(job, start, slots, device)
 
@@ -228,8 +230,8 @@ class CudaIpcKVSender(SocketKVSender):
             if staging.host.numel() >= size and staging.uploaded.query():
                 return self._free_staging.pop(i)
         capacity = max(size, 2 * 8192)
-        # Ordinary tensors even when first needed inside the forward (a destination that arrived
-        # mid-forward, kv_output.py): they are written again outside inference mode before later steps.
+        # Ordinary tensors though first needed inside the forward (a streaming push from a layer's
+        # hook, kv_output.py): they are written again outside inference mode before later steps.
         with torch.inference_mode(False):
             return _Staging(
                 torch.empty(capacity, dtype=torch.int64, pin_memory=True),
@@ -238,11 +240,12 @@ class CudaIpcKVSender(SocketKVSender):
             )
 
     def seal(self, job: PrefillJob) -> None:
-        """Engine thread, at the hook of the prompt's last layer: fingerprint the sampled positions
-        of everything sent for the request, from our cache, on the copy stream after the last
-        copy, so the completion does not wait for this launch. The forward does not wait for it
-        (the first token would then wait for the last layer's copy over NVLink): the engine joins
-        the copy stream when the job ends (`_forget`), before its blocks can be reused."""
+        """Engine thread, once the prompt's last push is queued (the last layer's hook, or the push
+        after the first token): fingerprint the sampled positions of everything sent for the
+        request, from our cache, on the copy stream after the last copy, so the completion does not
+        wait for this launch. The forward does not wait for it (the first token would then wait for
+        the last layer's copy over NVLink): the engine joins the copy stream when the job ends
+        (`_forget`), before its blocks can be reused."""
         rid = job.request_id
         if rid in self._fingerprints or rid in self.aborted:
             return
@@ -263,8 +266,8 @@ class CudaIpcKVSender(SocketKVSender):
             self._fingerprints[rid] = (ready, total)
 
     def send_done(self, job: PrefillJob, done: PrefillDone) -> None:
-        """Engine thread: the send thread puts the request's fingerprint (sealed in the forward, or
-        now if not) into the completion."""
+        """Engine thread: the send thread puts the request's fingerprint (sealed with the last push,
+        or now if not) into the completion."""
         self.seal(job)
         self._forget(job.request_id)
         mark(done.trace, "prefill.done_queued")
